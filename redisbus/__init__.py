@@ -12,8 +12,11 @@ from .errors import (
     RedisBusError,
     SchemaMismatchError,
     SignatureError,
+    RedisCommandError,
     VersionNotFoundError,
 )
+from .publisher import WeightPublisher
+from .subscriber import WeightSubscriber
 
 __version__ = "0.1.0"
 
@@ -25,8 +28,11 @@ __all__ = [
     "ManifestError",
     "PublishError",
     "RedisBusError",
+    "RedisCommandError",
     "SchemaMismatchError",
     "SignatureError",
     "VersionNotFoundError",
+    "WeightPublisher",
+    "WeightSubscriber",
     "__version__",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "VersionNotFoundError",
     "SignatureError",
     "PublishError",
+    "RedisCommandError",
 ]
 
 
@@ -53,3 +54,7 @@ class SignatureError(RedisBusError):
 
 class PublishError(RedisBusError):
     """A publish could not be completed; ``latest`` still names the previous complete version."""
+
+
+class RedisCommandError(RedisBusError):
+    """Redis refused a command: missing ACL permission, out of memory, a size limit."""

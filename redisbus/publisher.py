@@ -1,0 +1,257 @@
+"""The trainer's side: snapshot weights, upload the chunks, commit atomically, announce."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import msgpack
+import torch
+
+from . import defaults
+from .buffers import HostBuffer
+from .errors import PublishError, RedisBusError
+from .registry import PublisherReport, identity, report_publisher
+from .retention import collect
+from .signing import sign_manifest
+from .tensors import Weights, flatten_weights
+from .transport import (
+    RedisSource,
+    allocate_version,
+    commit_version,
+    read_head,
+    resolve,
+    server_max_bulk_len,
+    translate_errors,
+    write_chunks,
+)
+from .wire import (
+    Manifest,
+    Notice,
+    chunk_checksum,
+    chunk_spans,
+    encode_manifest,
+    encode_notice,
+    manifest_digest,
+    plan_layout,
+)
+
+__all__ = ["WeightPublisher"]
+
+log = logging.getLogger("redisbus.publisher")
+
+
+class WeightPublisher:
+    """Publishes versioned weights of one namespace.
+
+    Args:
+        redis: a ``redis://``, ``rediss://`` or ``unix://`` URL, a
+            :class:`~redisbus.BusConfig`, an existing ``redis.Redis`` client
+            (``fakeredis.FakeRedis`` works), or None to read ``REDISBUS_URL``.
+        namespace: the bus namespace (default: the settings' one, or
+            ``REDISBUS_NAMESPACE``).
+        publisher_id: how this publisher names itself in manifests and reports.
+        **settings: any other :class:`~redisbus.BusConfig` field
+            (``chunk_size``, ``keep_versions``, ``grace_seconds``, ...).
+
+    Raises:
+        ConfigError: invalid URL, namespace or setting.
+
+    Example:
+        >>> with WeightPublisher("redis://127.0.0.1:6379/0", namespace="ppo") as pub:  # doctest: +SKIP
+        ...     v = pub.publish(policy, metadata={"step": 1000})
+    """
+
+    def __init__(
+        self,
+        redis: RedisSource = None,
+        *,
+        namespace: str | None = None,
+        publisher_id: str | None = None,
+        **settings: Any,
+    ) -> None:
+        self.config, self._client, self._owns_client = resolve(redis, namespace, settings)
+        self.keys = self.config.keys
+        ident = identity()
+        self.publisher_id = publisher_id or f"{ident['host']}:{ident['pid']}:{uuid.uuid4().hex[:8]}"
+        self._identity = {"id": self.publisher_id, **ident}
+        self._snapshot = HostBuffer()
+        self._last_version = 0
+        self._chunk_size: int | None = None
+        self._lock = threading.Lock()
+        self._uploader: ThreadPoolExecutor | None = None
+        self._pending: Future[int] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"WeightPublisher({self.config.redacted_url()!r}, namespace={self.keys.namespace!r})"
+
+    def __enter__(self) -> WeightPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def latest_version(self) -> int | None:
+        """The newest committed version of the namespace, or None if there is none.
+
+        Raises:
+            BusConnectionError: Redis unreachable.
+        """
+        return read_head(self._client, self.keys)[0]
+
+    def publish(
+        self, weights: Weights, metadata: Mapping[str, Any] | None = None, *, block: bool = True
+    ) -> int | Future[int]:
+        """Publish ``weights`` as a new version.
+
+        The tensors are first copied into a reused snapshot buffer; from then on
+        the caller may change them. With ``block=False`` the upload and commit
+        run in a background thread and a :class:`~concurrent.futures.Future`
+        of the version number is returned; a second call waits for the first
+        upload to finish before taking its snapshot.
+
+        Args:
+            weights: a TensorDict, an ``nn.Module`` or a mapping of tensors (any device).
+            metadata: small msgpack-able user metadata stored in the manifest.
+            block: wait for the commit (default) or return a future.
+
+        Returns:
+            The committed version number (or a future of it).
+
+        Raises:
+            PublishError: the upload or commit failed; ``latest`` is unchanged.
+            SchemaMismatchError: a leaf that is not a tensor.
+            ManifestError: a dtype off the allow-list, or metadata too large.
+        """
+        if self._closed:
+            raise PublishError("publisher is closed")
+        meta = dict(metadata or {})
+        packed_meta = msgpack.packb(meta, use_bin_type=True)
+        if len(packed_meta) > defaults.MAX_METADATA_BYTES:
+            raise PublishError(f"metadata is {len(packed_meta)} bytes packed, over {defaults.MAX_METADATA_BYTES}")
+        if self._pending is not None:
+            self._pending.exception()  # wait; its error was or will be reported through its own future
+        with self._lock:
+            entries, total = self._take_snapshot(weights)
+        if block:
+            return self._upload(entries, total, meta)
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisbus-upload")
+        self._pending = self._uploader.submit(self._upload, entries, total, meta)
+        return self._pending
+
+    def _take_snapshot(self, weights: Weights) -> tuple[list[Any], int]:
+        leaves = flatten_weights(weights)
+        entries, total = plan_layout((key, t.dtype, t.shape) for key, t in leaves)
+        on_cuda = any(t.is_cuda for _, t in leaves)
+        self._snapshot.reserve(total, pinned=on_cuda)
+        with torch.no_grad():
+            for entry, (_, tensor) in zip(entries, leaves):
+                self._snapshot.view(entry).copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        if on_cuda:
+            torch.cuda.synchronize()
+        return entries, total
+
+    def _effective_chunk_size(self) -> int:
+        if self._chunk_size is None:
+            limit = server_max_bulk_len(self._client)
+            size = self.config.chunk_size
+            if limit is not None and size > limit // 2:
+                size = max(1024, limit // 2)
+                log.info("chunk size lowered to %d bytes to fit the server's proto-max-bulk-len %d", size, limit)
+            self._chunk_size = size
+        return self._chunk_size
+
+    def _upload(self, entries: list[Any], total: int, metadata: dict[str, Any]) -> int:
+        with self._lock:
+            try:
+                return self._upload_locked(entries, total, metadata)
+            except PublishError:
+                raise
+            except RedisBusError as exc:
+                raise PublishError(f"publish to namespace {self.keys.namespace!r} failed: {exc}") from exc
+
+    def _upload_locked(self, entries: list[Any], total: int, metadata: dict[str, Any]) -> int:
+        chunk_size = self._effective_chunk_size()
+        spans = chunk_spans(total, chunk_size)
+        blob = self._snapshot.memoryview()
+        checksums = tuple(chunk_checksum(blob[a:b]) for a, b in spans)
+        version = allocate_version(self._client, self.keys, self._last_version)
+        try:
+            write_chunks(self._client, self.keys, version, blob, spans)
+            latest, created = self._commit(version, total, chunk_size, checksums, entries, metadata, blob)
+        except RedisBusError:
+            self._discard_chunks(version, len(spans))
+            raise
+        self._last_version = max(self._last_version, version)
+        if latest != version:
+            log.warning("version %d committed but latest is %d: another publisher shares namespace %r",
+                        version, latest, self.keys.namespace)
+        report_publisher(
+            self._client,
+            self.keys,
+            PublisherReport(self.publisher_id, version, created, self._identity["host"], self._identity["pid"]),
+        )
+        collect(
+            self._client,
+            self.keys,
+            keep=self.config.keep_versions,
+            grace_seconds=self.config.grace_seconds,
+            pending_timeout=self.config.pending_timeout_seconds,
+            scan_orphans=False,
+        )
+        log.debug("published version %d (%d bytes, %d chunks)", version, total, len(spans))
+        return version
+
+    def _commit(
+        self,
+        version: int,
+        total: int,
+        chunk_size: int,
+        checksums: tuple[int, ...],
+        entries: list[Any],
+        metadata: dict[str, Any],
+        blob: memoryview,
+    ) -> tuple[int, float]:
+        manifest = Manifest(
+            version=version,
+            total_bytes=total,
+            chunk_size=chunk_size,
+            chunk_checksums=checksums,
+            tensors=tuple(entries),
+            created=time.time(),
+            publisher=self._identity,
+            metadata=metadata,
+        )
+        if self.config.signing_key:
+            manifest = sign_manifest(manifest, blob, self.config.signing_key)
+        data = encode_manifest(manifest)
+        notice = encode_notice(Notice(version, total, manifest_digest(data)))
+        return commit_version(self._client, self.keys, version, data, notice), manifest.created
+
+    def _discard_chunks(self, version: int, count: int) -> None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for index in range(count):
+                pipe.delete(self.keys.chunk(version, index))
+            pipe.execute()
+        except Exception:  # Redis may be gone; GC's orphan scan fades them later
+            log.debug("could not discard the chunks of failed version %d", version, exc_info=True)
+
+    def close(self) -> None:
+        """Finish a pending upload, then release the buffer and the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+        self._snapshot.release()
+        if self._owns_client:
+            with translate_errors("closing the publisher", self._client):
+                self._client.close()

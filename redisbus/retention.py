@@ -1,0 +1,127 @@
+"""Garbage collection: keep the newest versions whole, let older ones fade.
+
+Evicted versions leave the version index at once but their keys get a grace
+expiry instead of a delete, so a reader mid-pull can finish; a reader that
+still loses the race retries with ``latest``. Chunks of versions that were
+never committed (a publisher died mid-write) are found by SCAN and faded the
+same way once their pending mark is older than the pending timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .keys import KeySpace
+from .transport import read_head, translate_errors
+from .wire import decode_manifest
+
+__all__ = ["GcReport", "collect"]
+
+
+@dataclass
+class GcReport:
+    """What a garbage collection did (or, with ``dry_run``, would do)."""
+
+    kept: list[int] = field(default_factory=list)
+    evicted: list[int] = field(default_factory=list)
+    orphan_versions: list[int] = field(default_factory=list)
+    orphan_chunks: int = 0
+    dry_run: bool = False
+
+
+def _chunk_count(client: Any, keys: KeySpace, version: int) -> int | None:
+    data = client.get(keys.manifest(version))
+    if data is None:
+        return None
+    try:
+        return decode_manifest(data).chunk_count
+    except Exception:  # a corrupt manifest must not stop GC; its chunks are then found by SCAN
+        return None
+
+
+def _fade(pipe: Any, key: str, grace_ms: int) -> None:
+    if grace_ms <= 0:
+        pipe.delete(key)
+    else:
+        pipe.pexpire(key, grace_ms)
+
+
+def collect(
+    client: Any,
+    keys: KeySpace,
+    *,
+    keep: int,
+    grace_seconds: float,
+    pending_timeout: float,
+    scan_orphans: bool = True,
+    dry_run: bool = False,
+) -> GcReport:
+    """Evict all but the newest ``keep`` committed versions, and fade orphan chunks.
+
+    ``latest`` and a pinned version are never evicted.
+
+    Args:
+        client: a redis-py client.
+        keys: the namespace's key names.
+        keep: how many of the newest committed versions stay whole (at least 1).
+        grace_seconds: how long evicted keys stay readable; 0 deletes at once.
+        pending_timeout: age after which an uncommitted version counts as abandoned.
+        scan_orphans: also SCAN for chunks of abandoned versions.
+        dry_run: report only; change nothing.
+
+    Raises:
+        ValueError: ``keep`` below 1.
+        BusConnectionError: Redis unreachable.
+
+    Example:
+        >>> collect(client, KeySpace("run"), keep=3, grace_seconds=60, pending_timeout=600)  # doctest: +SKIP
+        GcReport(kept=[5, 6, 7], evicted=[4], orphan_versions=[], orphan_chunks=0, dry_run=False)
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    report = GcReport(dry_run=dry_run)
+    grace_ms = int(grace_seconds * 1000)
+    with translate_errors("garbage-collecting old versions", client):
+        committed = [int(v) for v in client.zrange(keys.versions, 0, -1)]
+        latest, pin = read_head(client, keys)
+        protected = set(committed[-keep:]) | {v for v in (latest, pin) if v is not None}
+        report.kept = [v for v in committed if v in protected]
+        report.evicted = [v for v in committed if v not in protected]
+        pipe = client.pipeline(transaction=False)
+        for version in report.evicted:
+            count = _chunk_count(client, keys, version)
+            for index in range(count or 0):
+                _fade(pipe, keys.chunk(version, index), grace_ms)
+            _fade(pipe, keys.manifest(version), grace_ms)
+            pipe.zrem(keys.versions, version)
+        if scan_orphans:
+            _collect_orphans(client, keys, pipe, set(committed), pending_timeout, grace_ms, report)
+        if not dry_run and len(pipe):
+            pipe.execute()
+    return report
+
+
+def _collect_orphans(
+    client: Any, keys: KeySpace, pipe: Any, committed: set[int], pending_timeout: float, grace_ms: int, report: GcReport
+) -> None:
+    now = time.time()
+    pending = {int(v): float(ts) for v, ts in client.zrange(keys.pending, 0, -1, withscores=True)}
+    live_pending = {v for v, started in pending.items() if now - started < pending_timeout}
+    orphans: set[int] = set()
+    for key in client.scan_iter(match=keys.chunk_pattern, count=1000):
+        parsed = keys.parse_chunk(key)
+        if parsed is None:
+            continue
+        version = parsed[0]
+        if version in committed or version in live_pending:
+            continue
+        if client.pttl(key) >= 0:
+            continue  # already fading
+        orphans.add(version)
+        report.orphan_chunks += 1
+        _fade(pipe, key if isinstance(key, str) else key.decode(), grace_ms)
+    for version in set(pending) - live_pending:
+        pipe.zrem(keys.pending, version)
+    report.orphan_versions = sorted(orphans)

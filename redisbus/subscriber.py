@@ -1,0 +1,415 @@
+"""The worker's side: listen, pull and verify into staging, apply at the safe point."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Literal
+
+import redis
+import torch
+from redis.backoff import ExponentialWithJitterBackoff
+
+from . import defaults
+from .buffers import HostBuffer
+from .errors import (
+    BusConnectionError,
+    ConfigError,
+    CorruptBlobError,
+    ManifestError,
+    RedisBusError,
+    SchemaMismatchError,
+    SignatureError,
+    VersionNotFoundError,
+)
+from .registry import WorkerReport, identity, report_worker
+from .signing import verify_chunk_digests, verify_signature
+from .tensors import Target, match_target, target_leaves
+from .transport import RedisSource, read_chunks_into, read_head, read_manifest, resolve, translate_errors
+from .wire import Manifest, decode_notice, verify_chunks
+
+__all__ = ["WeightSubscriber"]
+
+log = logging.getLogger("redisbus.subscriber")
+
+ApplyMode = Literal["on_sync", "immediate"]
+
+#: Errors that condemn a version for good: retrying it cannot help.
+_BAD_VERSION_ERRORS = (ManifestError, CorruptBlobError, SchemaMismatchError, SignatureError)
+_CONNECTION_ERRORS = (BusConnectionError, redis.ConnectionError, redis.TimeoutError, OSError)
+_MAX_REMEMBERED_FAILURES = 1024
+_TICK_SECONDS = 0.05
+
+
+class WeightSubscriber:
+    """Follows one namespace and keeps ``target`` on its newest verified version.
+
+    A background listener (``start()``) subscribes to the notify channel,
+    catches up by reading ``latest`` after every (re)subscribe, on every
+    notice and on a poll timer, and pulls each newer version into a reusable
+    staging buffer (pinned when the target is on CUDA), verifying every
+    checksum and matching keys, shapes and dtypes against the target. The
+    target changes only in :meth:`sync` (or right away with
+    ``apply="immediate"``), in one step; a version that fails any check is
+    logged, counted in :meth:`stats`, and never touches the target.
+
+    Args:
+        redis: a URL, a :class:`~redisbus.BusConfig`, a ``redis.Redis`` client, or
+            None to read ``REDISBUS_URL``.
+        namespace: the bus namespace.
+        target: the TensorDict or ``nn.Module`` to keep up to date (any device).
+        worker_id: how this worker names itself in reports (default: host:pid:random).
+        apply: ``"on_sync"`` (default) or ``"immediate"``.
+        on_apply: called with each version number after it is applied.
+        **settings: any other :class:`~redisbus.BusConfig` field.
+
+    Raises:
+        ConfigError: invalid URL, namespace, setting or apply mode.
+
+    Example:
+        >>> sub = WeightSubscriber("redis://10.0.0.5:6379/0", namespace="ppo",  # doctest: +SKIP
+        ...                        target=policy, worker_id="collector-3")
+        >>> sub.start()  # doctest: +SKIP
+        >>> sub.sync()   # between two rollouts  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        redis: RedisSource = None,
+        *,
+        namespace: str | None = None,
+        target: Target,
+        worker_id: str | None = None,
+        apply: ApplyMode = "on_sync",
+        on_apply: Callable[[int], None] | None = None,
+        **settings: Any,
+    ) -> None:
+        if apply not in ("on_sync", "immediate"):
+            raise ConfigError(f"apply must be 'on_sync' or 'immediate', not {apply!r}")
+        leaves = target_leaves(target)
+        self.config, self._client, self._owns_client = resolve(redis, namespace, settings)
+        self.keys = self.config.keys
+        self.target = target
+        self.apply_mode: ApplyMode = apply
+        self._identity = identity()
+        self.worker_id = worker_id or f"{self._identity['host']}:{self._identity['pid']}:{uuid.uuid4().hex[:8]}"
+        self._on_apply = on_apply
+        self._on_cuda = any(t.is_cuda for t in leaves.values())
+        self._staging = HostBuffer()
+        self._cond = threading.Condition(threading.RLock())
+        self._pull_lock = threading.Lock()
+        self._applied: int | None = None
+        self._applied_at: float | None = None
+        self._staged: Manifest | None = None
+        self._failed: dict[int, str] = {}
+        self._copy_done: Any = None
+        self._stats: Counter[str] = Counter()
+        self._last_error: str | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._report_due = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap, base=self.config.backoff_base)
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightSubscriber({self.config.redacted_url()!r}, namespace={self.keys.namespace!r}, "
+            f"worker_id={self.worker_id!r}, version={self._applied})"
+        )
+
+    def __enter__(self) -> WeightSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def version(self) -> int | None:
+        """The version currently applied to the target (None before the first)."""
+        return self._applied
+
+    @property
+    def staged_version(self) -> int | None:
+        """The verified version waiting for :meth:`sync`, if any."""
+        staged = self._staged
+        return staged.version if staged else None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: notices, pulls, applied, errors (total and by class), reconnects, last error."""
+        with self._cond:
+            counts = dict(self._stats)
+            errors = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("error:")}
+            return {
+                "version": self._applied,
+                "staged": self.staged_version,
+                "notices": counts.get("notices", 0),
+                "pulls": counts.get("pulls", 0),
+                "applied": counts.get("applied", 0),
+                "bytes_pulled": counts.get("bytes_pulled", 0),
+                "reconnects": counts.get("reconnects", 0),
+                "subscribes": counts.get("subscribes", 0),
+                "errors": sum(errors.values()),
+                "errors_by_type": errors,
+                "failed_versions": sorted(self._failed),
+                "last_error": self._last_error,
+            }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> WeightSubscriber:
+        """Start the background listener (idempotent). Returns self."""
+        if self._stop.is_set():
+            raise RuntimeError("subscriber is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"redisbus-listener-{self.worker_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the listener, release the staging buffer and the connection."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.config.socket_timeout + 5)
+        with self._cond:
+            self._staged = None
+            self._staging.release()
+        if self._owns_client:
+            try:
+                self._client.close()
+            except Exception:  # closing a dead connection has nothing left to report
+                pass
+
+    # -- the sync hook -----------------------------------------------------------------------
+
+    def sync(self) -> int | None:
+        """Apply the newest verified version if it is newer than the applied one.
+
+        Call it at the worker's safe point (between two rollouts). Without a
+        running listener it first pulls ``latest`` itself, on this thread.
+
+        Returns:
+            The version applied now, or None when there was nothing newer.
+
+        Raises:
+            BusConnectionError: only without a listener, when Redis is unreachable.
+        """
+        if self._thread is None:
+            self._catch_up()
+        applied = self._apply_staged()
+        if applied is not None and self._thread is None:
+            self._report()
+        return applied
+
+    def wait_for_version(self, version: int, timeout: float | None = None) -> int:
+        """Block until a version >= ``version`` is verified, apply it, and return it.
+
+        Raises:
+            TimeoutError: not reached within ``timeout`` seconds (the message
+                names the last error seen, if any).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._thread is None:
+                try:
+                    self._catch_up()
+                except _CONNECTION_ERRORS as exc:
+                    self._count_error(exc)
+            with self._cond:
+                if self._staged is not None and self._staged.version >= version:
+                    self._apply_staged()
+                if self._applied is not None and self._applied >= version:
+                    return self._applied
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    detail = f"; last error: {self._last_error}" if self._last_error else ""
+                    raise TimeoutError(
+                        f"worker {self.worker_id!r} did not reach version {version} within {timeout}s "
+                        f"(applied: {self._applied}){detail}"
+                    )
+                wait = self.config.poll_interval if self._thread is None else 1.0
+                self._cond.wait(wait if remaining is None else min(wait, remaining))
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def _apply_staged(self) -> int | None:
+        with self._cond:
+            manifest = self._staged
+            if manifest is None:
+                return None
+            self._staged = None
+            try:
+                pairs = match_target(manifest, target_leaves(self.target))
+            except SchemaMismatchError as exc:
+                self._condemn(manifest.version, exc)
+                return None
+            with torch.no_grad():
+                for entry, dst in pairs:
+                    dst.copy_(self._staging.view(entry), non_blocking=dst.is_cuda)
+            if self._on_cuda:
+                self._copy_done = torch.cuda.Event()
+                self._copy_done.record()
+            self._applied = manifest.version
+            self._applied_at = time.time()
+            self._stats["applied"] += 1
+            self._cond.notify_all()
+        self._report_due.set()
+        self._wake.set()
+        log.info("worker %s applied version %d", self.worker_id, manifest.version)
+        if self._on_apply is not None:
+            self._on_apply(manifest.version)
+        return manifest.version
+
+    # -- pulling -----------------------------------------------------------------------------
+
+    def _held(self) -> int:
+        return max(self._applied or 0, self.staged_version or 0)
+
+    def _catch_up(self) -> None:
+        """Pull the newest wanted version into staging if it is newer than what we hold."""
+        with self._pull_lock:
+            latest, pin = read_head(self._client, self.keys)
+            for _ in range(defaults.GC_RACE_RETRIES):
+                if latest is None:
+                    return
+                wanted = min(latest, pin) if pin is not None else latest
+                with self._cond:
+                    if wanted <= self._held() or wanted in self._failed:
+                        return
+                    if self._staged is not None:
+                        return  # an unapplied verified version waits for sync(); don't overwrite it
+                try:
+                    manifest = self._pull(wanted)
+                except VersionNotFoundError as exc:
+                    latest, pin = read_head(self._client, self.keys)
+                    if latest == wanted and pin is None:
+                        self._condemn(wanted, exc)  # not a race with GC: the latest version itself lost data
+                        return
+                    log.info("version %d vanished while pulling (%s); retrying with latest", wanted, exc)
+                    self._stats["gc_races"] += 1
+                    continue
+                except _BAD_VERSION_ERRORS as exc:
+                    self._condemn(wanted, exc)
+                    return
+                with self._cond:
+                    self._staged = manifest
+                    self._cond.notify_all()
+                if self.apply_mode == "immediate":
+                    self._apply_staged()
+                return
+
+    def _pull(self, version: int) -> Manifest:
+        manifest, _ = read_manifest(self._client, self.keys, version, self.config)
+        if self.config.signing_key:
+            verify_signature(manifest, self.config.signing_key)
+        elif manifest.signature is not None:
+            log.debug("version %d is signed but this worker has no key; checksums only", version)
+        match_target(manifest, target_leaves(self.target))
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # a device copy may still read the staging buffer
+        self._staging.reserve(manifest.total_bytes, pinned=self._on_cuda)
+        blob = self._staging.memoryview()
+        self._stats["pulls"] += 1
+        read_chunks_into(self._client, self.keys, manifest, blob)
+        verify_chunks(manifest, blob)
+        if self.config.signing_key:
+            verify_chunk_digests(manifest, blob)
+        self._stats["bytes_pulled"] += manifest.total_bytes
+        return manifest
+
+    def _count_error(self, exc: BaseException) -> None:
+        with self._cond:
+            self._stats[f"error:{type(exc).__name__}"] += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+
+    def _condemn(self, version: int, exc: RedisBusError) -> None:
+        self._count_error(exc)
+        with self._cond:
+            if len(self._failed) >= _MAX_REMEMBERED_FAILURES:
+                self._failed.pop(next(iter(self._failed)))
+            self._failed[version] = str(exc)
+        log.error("worker %s rejected version %d: %s", self.worker_id, version, exc)
+
+    def _report(self) -> None:
+        report = WorkerReport(
+            worker_id=self.worker_id,
+            version=self._applied,
+            applied_at=self._applied_at,
+            heartbeat=time.time(),
+            host=self._identity["host"],
+            pid=self._identity["pid"],
+            errors=sum(v for k, v in self._stats.items() if k.startswith("error:")),
+        )
+        report_worker(self._client, self.keys, report)
+
+    # -- the listener ------------------------------------------------------------------------
+
+    def _on_notice(self, data: bytes) -> None:
+        self._stats["notices"] += 1
+        try:
+            notice = decode_notice(data)
+        except ManifestError as exc:
+            self._count_error(exc)
+            log.warning("worker %s ignored a malformed notice: %s", self.worker_id, exc)
+            return
+        if notice.version <= self._held():
+            self._stats["stale_notices"] += 1
+            return
+        self._catch_up()
+
+    def _run(self) -> None:
+        failures = 0
+        pubsub = None
+        next_poll = next_report = 0.0
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._client.pubsub()
+                    with translate_errors("subscribing to notices", self._client):
+                        pubsub.subscribe(self.keys.notify)
+                message = pubsub.get_message(timeout=_TICK_SECONDS)
+                if message is not None:
+                    if message["type"] == "subscribe":
+                        self._stats["subscribes"] += 1
+                        self._catch_up()
+                        next_poll = time.monotonic() + self.config.poll_interval
+                        failures = 0
+                    elif message["type"] == "message":
+                        self._on_notice(message["data"])
+                now = time.monotonic()
+                if now >= next_poll or self._wake.is_set():
+                    self._wake.clear()
+                    self._catch_up()
+                    next_poll = now + self.config.poll_interval
+                if now >= next_report or self._report_due.is_set():
+                    self._report_due.clear()
+                    self._report()
+                    next_report = now + self.config.heartbeat_interval
+            except _CONNECTION_ERRORS as exc:
+                failures += 1
+                self._stats["reconnects"] += 1
+                self._count_error(exc)
+                delay = self._backoff.compute(failures)
+                log.warning("worker %s lost Redis (%s); retrying in %.2fs", self.worker_id, exc, delay)
+                pubsub = self._drop(pubsub)
+                self._stop.wait(delay)
+            except Exception as exc:  # keep listening whatever happens; the error is counted and logged
+                failures += 1
+                self._count_error(exc)
+                log.exception("worker %s listener error", self.worker_id)
+                pubsub = self._drop(pubsub)
+                self._stop.wait(self._backoff.compute(failures))
+        self._drop(pubsub)
+
+    @staticmethod
+    def _drop(pubsub: Any) -> None:
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # the connection is already broken; nothing to release
+                pass
+        return None
