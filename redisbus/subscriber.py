@@ -206,7 +206,9 @@ class WeightSubscriber:
         return applied
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> int:
-        """Block until a version >= ``version`` is verified, apply it, and return it.
+        """Block until a version >= ``version`` is applied, and return the applied version.
+
+        Waiting counts as a safe point: verified versions are applied as they arrive.
 
         Raises:
             TimeoutError: not reached within ``timeout`` seconds (the message
@@ -220,8 +222,8 @@ class WeightSubscriber:
                 except _CONNECTION_ERRORS as exc:
                     self._count_error(exc)
             with self._cond:
-                if self._staged is not None and self._staged.version >= version:
-                    self._apply_staged()
+                if self._staged is not None:
+                    self._apply_staged()  # waiting is a safe point; applying makes room for newer pulls
                 if self._applied is not None and self._applied >= version:
                     return self._applied
                 remaining = None if deadline is None else deadline - time.monotonic()
