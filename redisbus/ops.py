@@ -30,6 +30,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .errors import (
     CorruptBlobError,
     ManifestError,
     RedisBusError,
+    SchemaMismatchError,
     SignatureError,
     VersionNotFoundError,
 )
@@ -485,7 +487,9 @@ def read_weights_file(path: str | os.PathLike[str], select: str | None = None) -
                 raise FileFormatError("reading .safetensors needs the safetensors package: pip install 'redisbus[safetensors]'") from exc
             tree: Any = load_file(str(path), device="cpu")
         elif suffix in TORCH_SUFFIXES:
-            tree = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pickle-protocol chatter; refusals still raise
+                tree = torch.load(str(path), map_location="cpu", weights_only=True)
         else:
             raise FileFormatError(
                 f"{path.name}: unknown file type {suffix or '(no suffix)'!r}; expected .safetensors "
@@ -658,8 +662,8 @@ class BusAdmin:
             The manifest and the buffer; ``buffer.view(entry)`` is a tensor.
 
         Raises:
-            VersionNotFoundError: no such version, or a chunk is missing.
-            CorruptBlobError: a chunk fails its checksum or has the wrong size.
+            VersionNotFoundError: no such version.
+            CorruptBlobError: a chunk is missing, has the wrong size or fails its checksum.
             SignatureError: a signing key is configured and the version does not verify.
         """
         progress = progress or _NoProgress()
@@ -670,7 +674,14 @@ class BusAdmin:
         spans = manifest.spans()
         progress.start(f"{what} v{manifest.version}", manifest.total_bytes)
         for batch in self._batches(manifest):
-            self._read_chunks(manifest.version, batch, [blob[spans[i][0] : spans[i][1]] for i in batch])
+            try:
+                self._read_chunks(manifest.version, batch, [blob[spans[i][0] : spans[i][1]] for i in batch])
+            except VersionNotFoundError as exc:  # the manifest is there, a chunk is not: data loss, not a typo
+                buffer.release()
+                raise CorruptBlobError(f"version {manifest.version} is incomplete: {exc}") from exc
+            except RedisBusError:
+                buffer.release()
+                raise
             verify_chunks(manifest, blob, batch)
             progress.advance(sum(spans[i][1] - spans[i][0] for i in batch))
         if self.config.signing_key:
@@ -896,6 +907,7 @@ class BusAdmin:
                 else:
                     result.chunks_ok += 1
             progress.advance(sum(sizes))
+        result.problems.sort(key=lambda p: -1 if p.chunk is None else p.chunk)
 
     # -- comparing ------------------------------------------------------------------------
 
@@ -1068,7 +1080,10 @@ class BusAdmin:
         tensors = read_weights_file(path, select)
         meta = {"imported_from": Path(path).name, **parse_metadata(metadata)}
         with self._publisher() as publisher:
-            version = publisher.publish(tensors, metadata=meta)
+            try:
+                version = publisher.publish(tensors, metadata=meta)
+            except (SchemaMismatchError, ManifestError) as exc:  # the file's tensors, not the bus, are at fault
+                raise FileFormatError(f"cannot publish {Path(path).name}: {exc}") from exc
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return PublishResult(int(version), nbytes, len(tensors), meta, self.head()[1], str(path))
 
