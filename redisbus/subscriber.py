@@ -105,7 +105,7 @@ class WeightSubscriber:
         self._applied: int | None = None
         self._applied_at: float | None = None
         self._staged: Manifest | None = None
-        self._failed: dict[int, str] = {}
+        self._failed: dict[int, RedisBusError] = {}
         self._copy_done: Any = None
         self._stats: Counter[str] = Counter()
         self._last_error: str | None = None
@@ -137,6 +137,14 @@ class WeightSubscriber:
         """The verified version waiting for :meth:`sync`, if any."""
         staged = self._staged
         return staged.version if staged else None
+
+    def latest_version(self) -> int | None:
+        """The newest committed version on the bus (one read of ``latest``), or None.
+
+        Raises:
+            BusConnectionError: Redis unreachable.
+        """
+        return read_head(self._client, self.keys)[0]
 
     def stats(self) -> dict[str, Any]:
         """Counters: notices, pulls, applied, errors (total and by class), reconnects, last error."""
@@ -170,7 +178,9 @@ class WeightSubscriber:
         return self
 
     def close(self) -> None:
-        """Stop the listener, release the staging buffer and the connection."""
+        """Stop the listener, release the staging buffer and the connection (idempotent)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -213,6 +223,8 @@ class WeightSubscriber:
         Raises:
             TimeoutError: not reached within ``timeout`` seconds (the message
                 names the last error seen, if any).
+            RedisBusError: the newest version >= ``version`` was refused
+                (``SchemaMismatchError``, ``CorruptBlobError``, ...); the target is unchanged.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -226,6 +238,9 @@ class WeightSubscriber:
                     self._apply_staged()  # waiting is a safe point; applying makes room for newer pulls
                 if self._applied is not None and self._applied >= version:
                     return self._applied
+                refused = [v for v in self._failed if v >= version]
+                if refused and self._staged is None:
+                    raise self._failed[max(refused)]
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     detail = f"; last error: {self._last_error}" if self._last_error else ""
@@ -333,7 +348,7 @@ class WeightSubscriber:
         with self._cond:
             if len(self._failed) >= _MAX_REMEMBERED_FAILURES:
                 self._failed.pop(next(iter(self._failed)))
-            self._failed[version] = str(exc)
+            self._failed[version] = exc
         log.error("worker %s rejected version %d: %s", self.worker_id, version, exc)
 
     def _report(self) -> None:

@@ -387,3 +387,20 @@ def test_cuda_target_uses_pinned_staging(bus):
         assert sub._staging.pinned
         torch.cuda.synchronize()
         assert bit_identical(target.cpu(), make_policy(5))
+
+
+def test_wait_for_version_raises_the_refusal_instead_of_timing_out(bus):
+    source, _ = bus
+    target = zeros_like_policy()
+    with WeightPublisher(source(), namespace=NS) as pub, WeightSubscriber(
+        source(), namespace=NS, target=target, **FAST
+    ) as sub:
+        sub.start()
+        wrong = make_policy(1).set(("actor", "w"), torch.zeros(3, 3))
+        v = pub.publish(wrong)
+        started = time.monotonic()
+        with pytest.raises(SchemaMismatchError, match=r"actor\.w"):
+            sub.wait_for_version(v, timeout=30)
+        assert time.monotonic() - started < 10
+        assert bit_identical(target, zeros_like_policy())
+        assert sub.latest_version() == v
