@@ -146,6 +146,18 @@ class WeightSubscriber:
         """
         return read_head(self._client, self.keys)[0]
 
+    def wanted_version(self) -> int | None:
+        """The version this worker should end up on: ``latest``, or the operator's pin when lower.
+
+        One read of ``latest`` and the pin; None when nothing was published. Pass
+        it to :meth:`wait_for_version` to apply whatever was committed before the call.
+
+        Raises:
+            BusConnectionError: Redis unreachable.
+        """
+        latest, pin = read_head(self._client, self.keys)
+        return min(latest, pin) if latest is not None and pin is not None else latest
+
     def stats(self) -> dict[str, Any]:
         """Counters: notices, pulls, applied, errors (total and by class), reconnects, last error."""
         with self._cond:
