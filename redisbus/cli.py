@@ -37,7 +37,7 @@ from .errors import (
     VersionNotFoundError,
 )
 
-__all__ = ["cli", "main", "EXIT_CODES"]
+__all__ = ["cli", "main", "EXIT_CODES", "exit_code_for", "redact"]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -103,6 +103,13 @@ def _secrets(url: str | None) -> list[str]:
     return [s for s in found if s and not s.isdigit()]
 
 
+def redact(text: str, url: str | None) -> str:
+    """``text`` with anything from ``url`` that may be a password replaced by ``***``."""
+    for secret in sorted(_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 class BusCommandError(click.ClickException):
     """A one-line error on stderr with a chosen exit status."""
 
@@ -135,9 +142,7 @@ class _Group(click.Group):
 
 def _failure(ctx: click.Context, message: str, code: int) -> BusCommandError:
     state = ctx.find_object(_State)
-    for secret in _secrets(state.url if state else None):
-        message = message.replace(secret, "***")
-    return BusCommandError(message, code)
+    return BusCommandError(redact(message, state.url if state else None), code)
 
 
 @dataclass
@@ -228,6 +233,10 @@ def _size(n: int | None) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def _age(seconds: float | None) -> str:
@@ -379,7 +388,7 @@ def status(state: _State, as_json: bool, dead_after: float) -> None:
     )
     for p in st.publishers:
         out.print(f"publisher   {p.publisher_id}  last v{p.version}, {_age(p.age)} ago")
-    recent = [p for p in st.publishers if p.age < 600]
+    recent = [p for p in st.publishers if p.age < 600 and not p.publisher_id.startswith("redisbus-cli@")]
     if len({p.publisher_id for p in recent}) > 1:
         click.echo(f"warning: {len(recent)} publishers wrote to this namespace in the last 10 minutes", err=True)
 
@@ -629,7 +638,7 @@ def _describe_event(e: dict[str, Any]) -> str:
         if "error" in e:
             return f"{stamp}  v{e['version']} committed ({e['error']})"
         meta = f"  {_compact(e.get('metadata'))}" if e.get("metadata") else ""
-        return (f"{stamp}  v{e['version']} committed  ({_size(e['total_bytes'])}, {e['tensors']} tensors, "
+        return (f"{stamp}  v{e['version']} committed  ({_size(e['total_bytes'])}, {_n(e['tensors'], 'tensor')}, "
                 f"by {_who(e.get('publisher') or {})}){meta}")
     if kind == "applied":
         was = f"was v{e['previous']}" if e.get("previous") is not None else "first"
@@ -677,7 +686,7 @@ def rollback(state: _State, version: Any, extra: tuple[str, ...], as_json: bool)
     else:
         state.print(
             f"rolled back: the weights of v{result.metadata['rollback_of']} are now v{result.version} "
-            f"({result.tensor_count} tensors, {_size(result.total_bytes)}); workers apply it like any other version"
+            f"({_n(result.tensor_count, 'tensor')}, {_size(result.total_bytes)}); workers apply it like any other version"
         )
     _pin_warning(result.pin, result.version)
 
@@ -718,7 +727,7 @@ def unpin(state: _State, as_json: bool) -> None:
     if result.previous is None:
         state.print("no pin was set")
     else:
-        to = f"; workers move on to v{result.latest}" if result.latest is not None else ""
+        to = f"; workers move on to v{result.latest}" if result.latest is not None and result.latest != result.previous else ""
         state.print(f"unpinned (was v{result.previous}){to}")
 
 
@@ -776,7 +785,7 @@ def export_cmd(state: _State, version: Any, path: str, as_json: bool) -> None:
     if as_json:
         return _print_json(result.to_dict())
     state.print(
-        f"exported v{result.version} to {result.path} ({result.tensor_count} tensors, {_size(result.total_bytes)})"
+        f"exported v{result.version} to {result.path} ({_n(result.tensor_count, 'tensor')}, {_size(result.total_bytes)})"
     )
 
 
@@ -801,7 +810,7 @@ def import_cmd(state: _State, path: str, select: str | None, extra: tuple[str, .
         _print_json(result.to_dict())
     else:
         state.print(
-            f"imported {os.path.basename(path)} as v{result.version} ({result.tensor_count} tensors, {_size(result.total_bytes)})"
+            f"imported {os.path.basename(path)} as v{result.version} ({_n(result.tensor_count, 'tensor')}, {_size(result.total_bytes)})"
         )
     _pin_warning(result.pin, result.version)
 
