@@ -26,10 +26,16 @@ With several failing namespaces, the first failure's status is returned.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 import tempfile
 import time
+
+from redisbus import defaults
+from redisbus.cli import exit_code_for, redact
+from redisbus.errors import RedisBusError, VersionNotFoundError
+from redisbus.ops import BusAdmin
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
@@ -39,9 +45,7 @@ def _default_lock() -> str:
     return os.path.join(base, f"redisbus-gc-{os.getuid()}.lock")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from redisbus import defaults
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gc_cron.py",
         description="Garbage-collect redisbus namespaces from cron: quiet on success, locked against overlap.",
@@ -56,48 +60,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock", default=_default_lock(), help="lock file held during the run (default: %(default)s)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print one line per namespace, also on success")
     parser.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    return parser
+
+
+def collect_namespace(args: argparse.Namespace, namespace: str) -> int:
+    """GC one namespace; print its line (verbose) or its error; return its exit status."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    admin = None
+    try:
+        admin = BusAdmin(args.url, namespace=namespace)
+        if not admin.exists():
+            raise VersionNotFoundError(f"nothing found for {admin.where()}")
+        report = admin.gc(args.keep, dry_run=args.dry_run, grace_seconds=args.grace, pending_timeout=args.pending_timeout)
+    except RedisBusError as exc:
+        code = exit_code_for(exc)
+        message = redact(" ".join(str(exc).split()), args.url)
+        print(f"{stamp} redisbus-gc ns={namespace} error (exit {code}): {message}", file=sys.stderr)
+        return code
+    finally:
+        if admin is not None:
+            admin.close()
+    if args.verbose:
+        print(
+            f"{stamp} redisbus-gc ns={namespace} keep={args.keep} "
+            f"kept={','.join(map(str, report.kept)) or '-'} "
+            f"{'would_evict' if args.dry_run else 'evicted'}={','.join(map(str, report.evicted)) or '-'} "
+            f"orphan_chunks={report.orphan_chunks} url={admin.config.redacted_url()}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.keep < 1:
         parser.error("--keep must be at least 1")
-
-    import fcntl
-
-    from redisbus.cli import exit_code_for, redact
-    from redisbus.errors import RedisBusError, VersionNotFoundError
-    from redisbus.ops import BusAdmin
-
-    lock = open(args.lock, "a")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"redisbus-gc: another run holds {args.lock}; nothing done", file=sys.stderr)
-        return EXIT_LOCKED
-
-    status = 0
-    for namespace in args.namespaces:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        admin = None
+    with open(args.lock, "a") as lock:  # held for the whole run, released on close
         try:
-            admin = BusAdmin(args.url, namespace=namespace)
-            if not admin.exists():
-                raise VersionNotFoundError(f"nothing found for {admin.where()}")
-            report = admin.gc(args.keep, dry_run=args.dry_run, grace_seconds=args.grace, pending_timeout=args.pending_timeout)
-            if args.verbose:
-                print(
-                    f"{stamp} redisbus-gc ns={namespace} keep={args.keep} "
-                    f"kept={','.join(map(str, report.kept)) or '-'} "
-                    f"{'would_evict' if args.dry_run else 'evicted'}={','.join(map(str, report.evicted)) or '-'} "
-                    f"orphan_chunks={report.orphan_chunks} url={admin.config.redacted_url()}"
-                )
-        except RedisBusError as exc:
-            code = exit_code_for(exc)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"redisbus-gc: another run holds {args.lock}; nothing done", file=sys.stderr)
+            return EXIT_LOCKED
+        status = 0
+        for namespace in args.namespaces:  # a failing namespace does not stop the others
+            code = collect_namespace(args, namespace)
             status = status or code
-            message = redact(" ".join(str(exc).split()), args.url)
-            print(f"{stamp} redisbus-gc ns={namespace} error (exit {code}): {message}", file=sys.stderr)
-        finally:
-            if admin is not None:
-                admin.close()
-    return status
+        return status
 
 
 if __name__ == "__main__":
