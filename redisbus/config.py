@@ -20,7 +20,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from . import defaults
-from .errors import ConfigError
+from .errors import BusConnectionError, ConfigError
 from .keys import KeySpace, validate_namespace
 
 __all__ = ["BusConfig", "ENV_URL", "ENV_NAMESPACE"]
@@ -86,6 +86,10 @@ class BusConfig:
     max_blob_bytes: int = defaults.MAX_BLOB_BYTES
     signing_key: bytes | None = field(default=None, repr=False)
     require_signature: bool = False
+    cluster: bool = False
+    replicas: tuple[str, ...] = ()
+    wait_replicas: int | None = None
+    wait_timeout: float = defaults.WAIT_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
         validate_namespace(self.namespace)
@@ -98,6 +102,59 @@ class BusConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.require_signature and not self.signing_key:
             raise ConfigError("require_signature is set but no signing_key was given")
+        self._check_topology()
+
+    def _check_topology(self) -> None:
+        """Normalise and check ``cluster``, ``replicas``, ``wait_replicas``, ``wait_timeout``."""
+        replicas = self.replicas
+        if isinstance(replicas, str):
+            replicas = tuple(item.strip() for item in replicas.split(",") if item.strip())
+        object.__setattr__(self, "replicas", tuple(replicas))
+        for item in self.replicas:
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"replicas must be 'host:port' strings or Redis URLs, got {item!r}")
+            self._replica_config(item)  # raises ConfigError if malformed
+        if isinstance(self.wait_replicas, str):
+            try:
+                object.__setattr__(self, "wait_replicas", int(self.wait_replicas))
+            except ValueError:
+                raise ConfigError(f"wait_replicas must be a whole number, got {self.wait_replicas!r}") from None
+        if self.wait_replicas is not None and self.wait_replicas < 0:
+            raise ConfigError(f"wait_replicas must be 0 or more, got {self.wait_replicas}")
+        if self.replicas_to_wait and not 0 < self.wait_timeout < self.socket_timeout:
+            raise ConfigError(
+                f"wait_timeout must be positive and below socket_timeout ({self.socket_timeout}s), got {self.wait_timeout}"
+            )
+        if self.cluster:
+            if self.unix_socket_path:
+                raise ConfigError("a Redis Cluster is reached over TCP, not a unix socket")
+            if self.db != 0:
+                raise ConfigError(f"a Redis Cluster has only database 0, got db={self.db}")
+            if self.replicas or self.wait_replicas:
+                raise ConfigError(
+                    "replicas and wait_replicas apply to a primary with replicas, not to a Redis Cluster "
+                    "(a cluster spreads reads over its masters; its replicas serve failover)"
+                )
+
+    @property
+    def replicas_to_wait(self) -> int:
+        """Replicas the publisher ``WAIT``s for before a commit: ``wait_replicas``, else one per listed replica."""
+        return len(self.replicas) if self.wait_replicas is None else self.wait_replicas
+
+    def _replica_config(self, address: str) -> BusConfig:
+        if "://" in address:
+            base = BusConfig.from_url(address)
+            return replace(self, host=base.host, port=base.port, db=base.db, username=base.username or self.username,
+                           password=base.password or self.password, ssl=base.ssl, unix_socket_path=base.unix_socket_path,
+                           replicas=(), wait_replicas=0)  # fmt: skip
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"invalid replica address {address!r}: expected host:port or a redis:// URL")
+        return replace(self, host=host.strip("[]"), port=int(port), unix_socket_path=None, replicas=(), wait_replicas=0)
+
+    def replica_configs(self) -> tuple[BusConfig, ...]:
+        """Settings of each read replica (same credentials, TLS and database unless its URL says otherwise)."""
+        return tuple(self._replica_config(address) for address in self.replicas)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> BusConfig:
@@ -108,7 +165,10 @@ class BusConfig:
                 ``rediss://...`` (TLS; query options ``ssl_ca_certs``,
                 ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``) or
                 ``unix:///path/to/redis.sock[?db=N]``. Query options may also
-                set ``namespace``.
+                set ``namespace`` and any other field: ``cluster=true`` for a
+                Redis Cluster (this node is the seed), ``replicas=h1:6379,h2:6379``
+                for workers' read replicas, ``wait_replicas=N`` and
+                ``wait_timeout=S`` for the publisher's ``WAIT``.
             **overrides: any field of :class:`BusConfig`.
 
         Raises:
@@ -193,7 +253,7 @@ class BusConfig:
         if self.unix_socket_path:
             return f"unix://{auth}{self.unix_socket_path}?db={self.db}"
         scheme = "rediss" if self.ssl else "redis"
-        return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}"
+        return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}{'?cluster=true' if self.cluster else ''}"
 
     def retry(self, retries: int = 3) -> Retry:
         """redis-py retry policy: capped exponential backoff with full jitter."""
@@ -227,7 +287,25 @@ class BusConfig:
         return kwargs
 
     def client(self, retries: int = 3) -> redis.Redis:
-        """A new redis-py client for these settings (bytes replies, retry with backoff)."""
+        """A new redis-py client for these settings (bytes replies, retry with backoff).
+
+        With ``cluster`` set, a :class:`redis.cluster.RedisCluster` seeded with
+        this host and port (it discovers the other nodes).
+        """
+        if self.cluster:
+            from redis.cluster import RedisCluster
+
+            kwargs = self.connection_kwargs()
+            kwargs.pop("db", None)
+            kwargs.pop("health_check_interval", None)  # not accepted per node by RedisCluster
+            try:
+                return RedisCluster(retry=self.retry(retries), **kwargs)
+            except redis.RedisError as exc:
+                raise BusConnectionError(
+                    f"cannot reach the Redis Cluster at {self.host}:{self.port} ({type(exc).__name__}: {exc})"
+                ) from exc
+            except redis.exceptions.RedisClusterException as exc:
+                raise BusConnectionError(f"cannot use the Redis Cluster at {self.host}:{self.port}: {exc}") from exc
         return redis.Redis(
             retry=self.retry(retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],

@@ -42,3 +42,7 @@ BACKOFF_BASE_SECONDS = 0.05
 BACKOFF_CAP_SECONDS = 2.0
 #: Times a reader retries with ``latest`` after losing a race with garbage collection.
 GC_RACE_RETRIES = 5
+#: Longest a publisher ``WAIT``s for its replicas before it commits anyway, seconds.
+WAIT_TIMEOUT_SECONDS = 2.0
+#: After a read replica failed to answer, a worker pulls from the primary for this long, seconds.
+REPLICA_RETRY_SECONDS = 30.0

@@ -27,6 +27,7 @@ from .transport import (
     read_head,
     resolve,
     server_max_bulk_len,
+    stage_manifest_and_wait,
     translate_errors,
     write_chunks,
 )
@@ -233,11 +234,25 @@ class WeightPublisher:
             manifest = sign_manifest(manifest, blob, self.config.signing_key)
         data = encode_manifest(manifest)
         notice = encode_notice(Notice(version, total, manifest_digest(data)))
+        if self.config.replicas_to_wait:
+            self._wait_for_replicas(version, data)
         return commit_version(self._client, self.keys, version, data, notice), manifest.created
+
+    def _wait_for_replicas(self, version: int, manifest: bytes) -> None:
+        """Make the replicas hold the chunks and the manifest before the commit announces the version."""
+        wanted, timeout = self.config.replicas_to_wait, self.config.wait_timeout
+        acked = stage_manifest_and_wait(
+            self._client, self.keys, version, manifest, wanted, timeout, self.config.pending_timeout_seconds
+        )
+        if acked < wanted:
+            log.warning("version %d reached %d of %d replicas within %.1fs; committing anyway "
+                        "(workers whose replica lags pull from the primary)", version, acked, wanted, timeout)  # fmt: skip
 
     def _discard_chunks(self, version: int, count: int) -> None:
         try:
             pipe = self._client.pipeline(transaction=False)
+            if self.config.replicas_to_wait:
+                pipe.delete(self.keys.manifest(version))  # staged before the commit
             for index in range(count):
                 pipe.delete(self.keys.chunk(version, index))
             pipe.execute()

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from .errors import (
     CorruptBlobError,
     ManifestError,
     RedisBusError,
+    RedisCommandError,
     SchemaMismatchError,
     SignatureError,
     VersionNotFoundError,
@@ -29,7 +31,16 @@ from .errors import (
 from .registry import WorkerReport, identity, report_worker
 from .signing import verify_chunk_digests, verify_signature
 from .tensors import Target, match_target, target_leaves
-from .transport import RedisSource, read_chunks_into, read_head, read_manifest, resolve, translate_errors
+from .transport import (
+    RedisSource,
+    read_chunks_into,
+    read_head,
+    read_manifest,
+    refresh_topology,
+    resolve,
+    translate_errors,
+    uses_sharded_pubsub,
+)
 from .wire import Manifest, decode_notice, verify_chunks
 
 __all__ = ["WeightSubscriber"]
@@ -41,6 +52,8 @@ ApplyMode = Literal["on_sync", "immediate"]
 #: Errors that condemn a version for good: retrying it cannot help.
 _BAD_VERSION_ERRORS = (ManifestError, CorruptBlobError, SchemaMismatchError, SignatureError)
 _CONNECTION_ERRORS = (BusConnectionError, redis.ConnectionError, redis.TimeoutError, OSError)
+#: Errors of a read replica after which the pull is redone on the primary.
+_REPLICA_FALLBACK_ERRORS = (VersionNotFoundError, BusConnectionError, RedisCommandError)
 _MAX_REMEMBERED_FAILURES = 1024
 _TICK_SECONDS = 0.05
 
@@ -114,6 +127,8 @@ class WeightSubscriber:
         self._report_due = threading.Event()
         self._thread: threading.Thread | None = None
         self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap, base=self.config.backoff_base)
+        self._replica: Any = None  # this worker's read replica (chosen by worker id), made on first pull
+        self._replica_down_until = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -171,6 +186,7 @@ class WeightSubscriber:
                 "applied": counts.get("applied", 0),
                 "bytes_pulled": counts.get("bytes_pulled", 0),
                 "reconnects": counts.get("reconnects", 0),
+                "replica_fallbacks": counts.get("replica_fallbacks", 0),
                 "subscribes": counts.get("subscribes", 0),
                 "errors": sum(errors.values()),
                 "errors_by_type": errors,
@@ -204,6 +220,11 @@ class WeightSubscriber:
             try:
                 self._client.close()
             except Exception:  # closing a dead connection has nothing left to report
+                pass
+        if self._replica is not None:
+            try:
+                self._replica.close()
+            except Exception:  # as above
                 pass
 
     # -- the sync hook -----------------------------------------------------------------------
@@ -331,8 +352,31 @@ class WeightSubscriber:
                     self._apply_staged()
                 return
 
+    def _replica_client(self) -> Any:
+        """This worker's read replica, or None (none configured, or it failed lately)."""
+        if not self.config.replicas or time.monotonic() < self._replica_down_until:
+            return None
+        if self._replica is None:
+            configs = self.config.replica_configs()
+            self._replica = configs[zlib.crc32(self.worker_id.encode()) % len(configs)].client()
+        return self._replica
+
     def _pull(self, version: int) -> Manifest:
-        manifest, _ = read_manifest(self._client, self.keys, version, self.config)
+        """Pull ``version`` from this worker's read replica if it has one, else (or if it lags) from the primary."""
+        replica = self._replica_client()
+        if replica is not None:
+            try:
+                return self._pull_from(replica, version)
+            except _REPLICA_FALLBACK_ERRORS as exc:
+                self._stats["replica_fallbacks"] += 1
+                if not isinstance(exc, VersionNotFoundError):  # unreachable or refusing: leave it alone a while
+                    self._replica_down_until = time.monotonic() + defaults.REPLICA_RETRY_SECONDS
+                log.info("worker %s: replica could not serve version %d (%s); pulling from the primary",
+                         self.worker_id, version, exc)  # fmt: skip
+        return self._pull_from(self._client, version)
+
+    def _pull_from(self, client: Any, version: int) -> Manifest:
+        manifest, _ = read_manifest(client, self.keys, version, self.config)
         if self.config.signing_key:
             verify_signature(manifest, self.config.signing_key)
         elif manifest.signature is not None:
@@ -343,7 +387,7 @@ class WeightSubscriber:
         self._staging.reserve(manifest.total_bytes, pinned=self._on_cuda)
         blob = self._staging.memoryview()
         self._stats["pulls"] += 1
-        read_chunks_into(self._client, self.keys, manifest, blob)
+        read_chunks_into(client, self.keys, manifest, blob)
         verify_chunks(manifest, blob)
         if self.config.signing_key:
             verify_chunk_digests(manifest, blob)
@@ -394,20 +438,25 @@ class WeightSubscriber:
         failures = 0
         pubsub = None
         next_poll = next_report = 0.0
+        sharded = False
         while not self._stop.is_set():
             try:
                 if pubsub is None:
+                    sharded = uses_sharded_pubsub(self._client)  # Redis 7 cluster: SSUBSCRIBE on the namespace's shard
                     pubsub = self._client.pubsub()
                     with translate_errors("subscribing to notices", self._client):
-                        pubsub.subscribe(self.keys.notify)
-                message = pubsub.get_message(timeout=_TICK_SECONDS)
+                        (pubsub.ssubscribe if sharded else pubsub.subscribe)(self.keys.notify)
+                if sharded:
+                    message = pubsub.get_sharded_message(timeout=_TICK_SECONDS)
+                else:
+                    message = pubsub.get_message(timeout=_TICK_SECONDS)
                 if message is not None:
-                    if message["type"] == "subscribe":
+                    if message["type"] in ("subscribe", "ssubscribe"):
                         self._stats["subscribes"] += 1
                         self._catch_up()
                         next_poll = time.monotonic() + self.config.poll_interval
                         failures = 0
-                    elif message["type"] == "message":
+                    elif message["type"] in ("message", "smessage"):
                         self._on_notice(message["data"])
                 now = time.monotonic()
                 if now >= next_poll or self._wake.is_set():
@@ -425,6 +474,7 @@ class WeightSubscriber:
                 delay = self._backoff.compute(failures)
                 log.warning("worker %s lost Redis (%s); retrying in %.2fs", self.worker_id, exc, delay)
                 pubsub = self._drop(pubsub)
+                refresh_topology(self._client)  # a cluster may have failed over: find the new masters
                 self._stop.wait(delay)
             except Exception as exc:  # keep listening whatever happens; the error is counted and logged
                 failures += 1

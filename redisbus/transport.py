@@ -7,18 +7,21 @@ bulk chunk path lives in :mod:`redisbus._resp`.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Union
 
 import redis
+from redis.cluster import RedisCluster
 
 from . import _resp
 from .config import BusConfig
 from .errors import (
     BusConnectionError,
     ManifestError,
+    PublishError,
     RedisBusError,
     RedisCommandError,
     VersionNotFoundError,
@@ -37,6 +40,11 @@ __all__ = [
     "write_chunks",
     "read_chunks_into",
     "server_max_bulk_len",
+    "is_cluster",
+    "uses_sharded_pubsub",
+    "refresh_topology",
+    "publish_notice",
+    "stage_manifest_and_wait",
 ]
 
 #: What the public classes accept as their first argument.
@@ -71,8 +79,58 @@ redis.call('PUBLISH', ARGV[4], ARGV[3])
 return cur
 """
 
+# The same commit for a Redis 7 cluster: the notice goes out with SPUBLISH (sharded pub/sub), so
+# only the shard of the namespace's slot carries it. The channel has the ``{ns}`` hash tag, so it
+# hashes to the slot of the script's keys, as Redis requires of SPUBLISH inside a script.
+_COMMIT_SHARDED = _COMMIT.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+assert _COMMIT_SHARDED != _COMMIT
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a :class:`redis.cluster.RedisCluster`."""
+    return isinstance(client, RedisCluster)
+
+
+def uses_sharded_pubsub(client: Any) -> bool:
+    """Whether notices travel by sharded pub/sub: a Redis Cluster whose servers are Redis 7 or newer.
+
+    Publisher and workers of a namespace decide this from the same servers, so
+    they agree. Single-node Redis keeps plain ``PUBLISH``/``SUBSCRIBE``.
+    """
+    if not is_cluster(client):
+        return False
+    cached = client.__dict__.get("_redisbus_sharded")
+    if cached is None:
+        try:
+            info = client.info("server")
+            versions = [info] if "redis_version" in info else list(info.values())
+            cached = all(int(str(i["redis_version"]).split(".")[0]) >= 7 for i in versions)
+        except (redis.RedisError, KeyError, TypeError, ValueError, AttributeError):
+            cached = False
+        client.__dict__["_redisbus_sharded"] = cached
+    return bool(cached)
+
+
+def refresh_topology(client: Any) -> None:
+    """Re-read a cluster's slot map (after a failover); nothing for other clients, never raises.
+
+    Keyed commands refresh it by themselves on errors; a sharded subscription
+    does not, so the listener calls this before it subscribes again.
+    """
+    if is_cluster(client):
+        try:
+            client.nodes_manager.initialize()
+        except Exception:  # the cluster may still be electing; the next attempt retries
+            pass
+
 
 def _describe(client: Any) -> str:
+    if is_cluster(client):
+        try:
+            node = client.get_default_node()
+            return f"cluster node {node.host}:{node.port}"
+        except Exception:  # describing must never fail
+            return "a Redis Cluster"
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
@@ -115,6 +173,9 @@ def translate_errors(what: str, client: Any) -> Iterator[None]:
         raise
     except redis.AuthenticationError as exc:
         raise BusConnectionError(f"{what}: authentication to Redis at {_describe(client)} failed") from exc
+    except (redis.exceptions.ClusterError, redis.exceptions.RedisClusterException) as exc:
+        # CLUSTERDOWN, a slot without a master, a node list gone stale: a failover in progress.
+        raise BusConnectionError(f"{what}: Redis Cluster at {_describe(client)} unavailable ({type(exc).__name__}: {exc})") from exc
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise BusConnectionError(f"{what}: cannot reach Redis at {_describe(client)} ({type(exc).__name__}: {exc})") from exc
     except redis.ResponseError as exc:
@@ -141,13 +202,44 @@ def commit_version(client: Any, keys: KeySpace, version: int, manifest: bytes, n
         The newest committed version afterwards.
     """
     with translate_errors(f"committing version {version}", client):
-        script = _script(client, _COMMIT)
+        script = _script(client, _COMMIT_SHARDED if uses_sharded_pubsub(client) else _COMMIT)
         return int(
             script(
                 keys=[keys.manifest(version), keys.versions, keys.latest, keys.pending],
                 args=[version, manifest, notice, keys.notify],
             )
         )
+
+
+def publish_notice(client: Any, keys: KeySpace, notice: bytes) -> None:
+    """Send a notice outside a commit (re-announcing an existing version): ``SPUBLISH`` on a Redis 7 cluster."""
+    with translate_errors("announcing a version", client):
+        if uses_sharded_pubsub(client):
+            client.spublish(keys.notify, notice)
+        else:
+            client.publish(keys.notify, notice)
+
+
+def stage_manifest_and_wait(
+    client: Any, keys: KeySpace, version: int, manifest: bytes, replicas: int, timeout: float, expire: float
+) -> int:
+    """Write the manifest ahead of its commit and ``WAIT`` until ``replicas`` replicas have it.
+
+    ``SET`` and ``WAIT`` go down one connection (a pipeline), and that ``SET``
+    comes after every chunk of the version was acknowledged, so when ``WAIT``
+    returns, the replicas that acknowledged hold the chunks and the manifest:
+    the commit that follows can only announce a version they already have.
+    The staged manifest expires after ``expire`` seconds unless the commit
+    (which writes it again, without expiry) comes first.
+
+    Returns:
+        How many replicas acknowledged within ``timeout`` seconds.
+    """
+    with translate_errors(f"waiting for replicas to receive version {version}", client):
+        pipe = client.pipeline(transaction=False)
+        pipe.set(keys.manifest(version), manifest, px=max(1, int(expire * 1000)))
+        pipe.execute_command("WAIT", int(replicas), max(1, int(timeout * 1000)))
+        return int(pipe.execute()[-1])
 
 
 def _as_int(raw: Any) -> int | None:
@@ -193,18 +285,70 @@ def write_chunks(client: Any, keys: KeySpace, version: int, blob: memoryview, sp
     """Store every chunk of ``blob`` under its chunk key."""
     items = [(keys.chunk(version, i), blob[start:stop]) for i, (start, stop) in enumerate(spans)]
     with translate_errors(f"writing the chunks of version {version}", client):
-        _resp.write_chunks(client, items)
+        if is_cluster(client):
+            _per_master(client, [key for key, _ in items], lambda node, idx: _resp.write_chunks(node, [items[i] for i in idx]),
+                        lambda: _resp.write_chunks(client, items))  # fmt: skip
+        else:
+            _resp.write_chunks(client, items)
 
 
 def read_chunks_into(client: Any, keys: KeySpace, manifest: Manifest, blob: memoryview) -> None:
     """Fetch every chunk of ``manifest``'s version straight into ``blob``."""
     spans = manifest.spans()
+    names = [keys.chunk(manifest.version, i) for i in range(len(spans))]
+    views = [blob[start:stop] for start, stop in spans]
     with translate_errors(f"reading the chunks of version {manifest.version}", client):
-        _resp.read_chunks_into(
-            client,
-            [keys.chunk(manifest.version, i) for i in range(len(spans))],
-            [blob[start:stop] for start, stop in spans],
-        )
+        if is_cluster(client):
+            _per_master(client, names, lambda node, idx: _resp.read_chunks_into(node, [names[i] for i in idx], [views[i] for i in idx]),
+                        lambda: _resp.read_chunks_into(client, names, views))  # fmt: skip
+        else:
+            _resp.read_chunks_into(client, names, views)
+
+
+def _per_master(
+    client: RedisCluster, names: Sequence[str], work: Callable[[Any, list[int]], None], fallback: Callable[[], None]
+) -> None:
+    """Run ``work(node_client, indices)`` for each master's share of ``names``, all masters in parallel.
+
+    Each master's share goes over the fast bulk path on that master's own
+    connection pool, so a version's chunks move to and from every shard at
+    once. If a node cannot be reached or answers with a redirection (the slot
+    map changed: failover, resharding), ``fallback`` redoes the whole transfer
+    through redis-py's cluster pipeline, which follows redirections and
+    refreshes the slot map.
+    """
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    try:
+        for i, name in enumerate(names):
+            node = client.get_node_from_key(name)
+            if node.name not in groups:
+                groups[node.name] = (client.get_redis_connection(node), [])
+            groups[node.name][1].append(i)
+    except (redis.RedisError, redis.exceptions.RedisClusterException, AttributeError):
+        fallback()
+        return
+    errors: list[BaseException] = []
+
+    def run(node_client: Any, indices: list[int]) -> None:
+        try:
+            work(node_client, indices)
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread below
+            errors.append(exc)
+
+    shares = list(groups.values())
+    threads = [threading.Thread(target=run, args=share, name="redisbus-shard", daemon=True) for share in shares[1:]]
+    for t in threads:
+        t.start()
+    if shares:
+        run(*shares[0])
+    for t in threads:
+        t.join()
+    if not errors:
+        return
+    hard = [e for e in errors if not isinstance(e, (BusConnectionError, PublishError, redis.RedisError))]
+    if hard:
+        raise hard[0]  # missing or corrupt chunk: the data's fault, not the route's
+    fallback()
 
 
 def server_max_bulk_len(client: Any) -> int | None:
