@@ -358,7 +358,8 @@ class WeightSubscriber:
             return None
         if self._replica is None:
             configs = self.config.replica_configs()
-            self._replica = configs[zlib.crc32(self.worker_id.encode()) % len(configs)].client()
+            # no retries: a replica that fails is skipped for the primary, not waited on again
+            self._replica = configs[zlib.crc32(self.worker_id.encode()) % len(configs)].client(retries=0)
         return self._replica
 
     def _pull(self, version: int) -> Manifest:
