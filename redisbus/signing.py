@@ -53,9 +53,11 @@ def verify_chunk_digests(manifest: Manifest, blob: memoryview) -> None:
     """Check every chunk against its signed digest.
 
     Raises:
-        SignatureError: a chunk differs from what was signed.
+        SignatureError: a chunk differs from what was signed, or the digests are missing.
     """
-    assert manifest.chunk_digests is not None
-    for i, ((a, b), want) in enumerate(zip(manifest.spans(), manifest.chunk_digests)):
+    spans = manifest.spans()
+    if manifest.chunk_digests is None or len(manifest.chunk_digests) != len(spans):
+        raise SignatureError(f"version {manifest.version} does not carry one signed digest per chunk")
+    for i, ((a, b), want) in enumerate(zip(spans, manifest.chunk_digests)):
         if not hmac.compare_digest(_digest(blob[a:b]), want):
             raise SignatureError(f"version {manifest.version}: chunk {i} differs from its signed digest")

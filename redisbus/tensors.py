@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDict, TensorDictBase, is_non_tensor
 
 from .errors import SchemaMismatchError
-from .wire import Manifest, TensorEntry, TensorKey, format_key
+from .wire import _MAX_KEY_DEPTH, _MAX_KEY_PART_BYTES, Manifest, TensorEntry, TensorKey, format_key
 
 __all__ = ["Weights", "Target", "flatten_weights", "target_leaves", "match_target"]
 
@@ -31,6 +31,10 @@ def _key(key: str | tuple[str, ...]) -> TensorKey:
 
 
 def _leaves_of_tensordict(td: TensorDictBase) -> list[tuple[TensorKey, torch.Tensor]]:
+    # ``leaves_only`` iteration silently skips non-tensor data (strings, objects): find it first.
+    for key, value in td.items(include_nested=True):
+        if is_non_tensor(value):
+            raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds non-tensor data, not a tensor")
     leaves = []
     for key, value in td.items(include_nested=True, leaves_only=True):
         if not isinstance(value, torch.Tensor):
@@ -58,7 +62,7 @@ def flatten_weights(weights: Weights) -> list[tuple[TensorKey, torch.Tensor]]:
     """Ordered ``(key, tensor)`` leaves of a TensorDict, module or mapping.
 
     Raises:
-        SchemaMismatchError: a leaf that is not a tensor, or a duplicate key.
+        SchemaMismatchError: a leaf that is not a dense tensor, an empty key part, or a duplicate key.
         TypeError: ``weights`` is none of the accepted kinds.
 
     Example:
@@ -74,7 +78,15 @@ def flatten_weights(weights: Weights) -> list[tuple[TensorKey, torch.Tensor]]:
     else:
         raise TypeError(f"weights must be a TensorDictBase, an nn.Module or a Mapping, not {type(weights).__name__}")
     seen: set[TensorKey] = set()
-    for key, _ in leaves:
+    for key, tensor in leaves:
+        # What the manifest decoder would refuse must be refused here, before a version is published.
+        if not key or len(key) > _MAX_KEY_DEPTH or not all(0 < len(part) <= _MAX_KEY_PART_BYTES for part in key):
+            raise SchemaMismatchError(
+                f"key {format_key(key)!r} must have 1-{_MAX_KEY_DEPTH} non-empty parts of at most "
+                f"{_MAX_KEY_PART_BYTES} characters"
+            )
+        if tensor.layout != torch.strided:
+            raise SchemaMismatchError(f"key {format_key(key)!r} holds a {tensor.layout} tensor; only dense tensors travel")
         if key in seen:
             raise SchemaMismatchError(f"weights name tensor {format_key(key)!r} twice")
         seen.add(key)

@@ -4,8 +4,11 @@ A version is one blob (every tensor laid end to end, each at an aligned
 offset) cut into fixed-size chunks, plus a msgpack manifest describing it.
 Decoding validates everything safetensors would and more before anything
 is allocated: size caps, types, the dtype allow-list, shapes against byte
-counts, offsets in bounds and non-overlapping, chunk sizes against the
-total. Nothing here touches Redis.
+counts, offsets in bounds and non-overlapping, the total equal to where the
+tensors end (padding gaps only), chunk sizes against the total. The msgpack
+is walked by byte spans first and each part decoded only once its encoded
+size is within its cap, so hostile bytes cannot make the decoder build
+gigabytes of Python objects. Nothing here touches Redis.
 
 >>> entries, total = plan_layout([(("w",), torch.float32, (2, 3))])
 >>> entries[0].offset, entries[0].nbytes, total
@@ -15,6 +18,7 @@ total. Nothing here touches Redis.
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +80,33 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_NDIM = 64
 _MAX_KEY_DEPTH = 64
 _MAX_KEY_PART_BYTES = 1024
+#: Largest tensor alignment; also the largest gap allowed between two tensors of a blob.
+_MAX_ALIGNMENT = 4096
+#: Largest dimension (and product of the non-zero dimensions) torch can index: strides are int64.
+_MAX_DIM = 2**63 - 1
+#: Most top-level fields a manifest map may have (this format writes 12).
+_MAX_FIELDS = 64
+#: Encoded size caps, checked on the raw bytes before anything is decoded, so a hostile
+#: manifest cannot make the decoder build millions of tiny objects (msgpack's 1-byte empty
+#: list becomes a 56-byte Python list: 64 MiB of them would be gigabytes).
+_MAX_SCALAR_BYTES = 64
+_MAX_CHUNK_ENTRY_BYTES = 32
+_MAX_DIGEST_ENTRY_BYTES = 40
+_MAX_TENSOR_ENTRY_BYTES = 128 + _MAX_KEY_DEPTH * (5 + 4 * _MAX_KEY_PART_BYTES) + _MAX_NDIM * 9
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+_SHORT_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """A bounded repr of untrusted data for error messages (never deep, never huge)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:40])
+    try:
+        return _SHORT_REPR.repr(value)
+    except Exception:  # a repr can fail on anything; the message must not
+        return f"<{type(value).__name__}>"
 
 
 def format_key(key: TensorKey) -> str:
@@ -177,21 +208,25 @@ def plan_layout(
 
     Args:
         specs: ``(key, dtype, shape)`` per tensor, in blob order.
-        alignment: byte alignment of every offset.
+        alignment: byte alignment of every offset (at least each dtype's itemsize).
 
     Returns:
         The entries and the blob's total size in bytes.
 
     Raises:
         ManifestError: a dtype off the allow-list.
+        ValueError: an alignment that is not a power of two in 1..4096.
     """
+    if not 1 <= alignment <= _MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise ValueError(f"alignment {alignment} is not a power of two in 1..{_MAX_ALIGNMENT}")
     entries: list[TensorEntry] = []
     offset = 0
     for key, dtype, shape in specs:
         name = dtype_name(dtype)
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * dtype.itemsize
-        offset = -(-offset // alignment) * alignment
+        step = max(alignment, dtype.itemsize)  # never below the dtype's own alignment
+        offset = -(-offset // step) * step
         entries.append(TensorEntry(tuple(key), name, shape, offset, nbytes))
         offset += nbytes
     return entries, offset
@@ -213,6 +248,9 @@ def verify_chunks(manifest: Manifest, blob: memoryview, indices: Iterable[int] |
     Raises:
         CorruptBlobError: naming the first chunk whose checksum differs.
     """
+    size = blob.nbytes if isinstance(blob, memoryview) else len(blob)
+    if size < manifest.total_bytes:
+        raise CorruptBlobError(f"version {manifest.version}: blob is {size} bytes, the manifest says {manifest.total_bytes}")
     spans = manifest.spans()
     for i in range(len(spans)) if indices is None else indices:
         start, stop = spans[i]
@@ -239,14 +277,22 @@ def encode_notice(notice: Notice) -> bytes:
     return msgpack.packb({"format": FORMAT_VERSION, "v": notice.version, "n": notice.total_bytes, "d": notice.digest})
 
 
-def _unpack(data: bytes, limit: int, what: str) -> Any:
+_MSGPACK_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
+
+
+def _as_bytes(data: Any, limit: int, what: str) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ManifestError(f"{what} is a {type(data).__name__}, not bytes")
-    if len(data) > limit:
-        raise ManifestError(f"{what} is {len(data)} bytes, over the limit of {limit}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > limit:
+        raise ManifestError(f"{what} is {size} bytes, over the limit of {limit}")
+    return bytes(data)
+
+
+def _loads(data: bytes | memoryview, limit: int, what: str) -> Any:
     try:
         return msgpack.unpackb(
-            bytes(data),
+            data,
             raw=False,
             strict_map_key=True,
             use_list=True,
@@ -256,15 +302,89 @@ def _unpack(data: bytes, limit: int, what: str) -> Any:
             max_map_len=limit,
             max_ext_len=0,
         )
-    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
-        raise ManifestError(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from exc
+    except _MSGPACK_ERRORS as exc:
+        raise ManifestError(f"{what} is not valid msgpack ({type(exc).__name__}: {_short(str(exc))})") from exc
+
+
+def _unpack(data: bytes, limit: int, what: str) -> Any:
+    return _loads(_as_bytes(data, limit, what), limit, what)
+
+
+def _wire_type(first: int) -> str:
+    """Python type name of the msgpack value whose first byte is ``first`` (read without decoding it)."""
+    if first <= 0x7F or first >= 0xE0 or 0xCC <= first <= 0xD3:
+        return "int"
+    if first <= 0x8F or first in (0xDE, 0xDF):
+        return "dict"
+    if first <= 0x9F or first in (0xDC, 0xDD):
+        return "list"
+    if first <= 0xBF or 0xD9 <= first <= 0xDB:
+        return "str"
+    return {0xC0: "NoneType", 0xC2: "bool", 0xC3: "bool", 0xC4: "bytes", 0xC5: "bytes", 0xC6: "bytes",
+            0xCA: "float", 0xCB: "float"}.get(first, "ExtType" if first != 0xC1 else "invalid byte")
+
+
+class _Reader:
+    """Walks msgpack bytes by spans, decoding a value only once its encoded size is known to be small."""
+
+    def __init__(self, data: bytes | memoryview, what: str) -> None:
+        self.data = data
+        self.view = memoryview(data)
+        self.what = what
+        self._up = msgpack.Unpacker(None, max_buffer_size=max(len(data), 1), max_ext_len=0)
+        self._up.feed(data)
+
+    def _call(self, op: Any) -> Any:
+        try:
+            return op()
+        except msgpack.OutOfData as exc:
+            raise ManifestError(f"{self.what} is truncated at byte {len(self.data)}") from exc
+        except _MSGPACK_ERRORS as exc:
+            raise ManifestError(f"{self.what} is not valid msgpack ({type(exc).__name__}: {_short(str(exc))})") from exc
+
+    def tell(self) -> int:
+        return int(self._up.tell())
+
+    def span(self) -> tuple[int, int]:
+        """Skip the next value (allocating nothing) and return its byte range."""
+        start = self.tell()
+        self._call(self._up.skip)
+        return start, self.tell()
+
+    def header(self, kind: str) -> int:
+        return int(self._call(self._up.read_map_header if kind == "dict" else self._up.read_array_header))
+
+    def load(self, span: tuple[int, int], cap: int, what: str) -> Any:
+        start, stop = span
+        if stop - start > cap:
+            raise ManifestError(
+                f"{what} is {stop - start} bytes of msgpack ({_wire_type(self.data[start])}), over its limit of {cap}"
+            )
+        return _loads(self.view[start:stop], cap, what)
+
+    def items(self, span: tuple[int, int], cap: int, what: str) -> tuple[int, Any]:
+        """Length of the array at ``span`` and an iterator decoding its elements one at a time."""
+        start, stop = span
+        kind = _wire_type(self.data[start])
+        if kind != "list":
+            raise ManifestError(f"{what} has type {kind}")
+        sub = _Reader(self.view[start:stop], what)
+        count = sub.header("list")
+
+        def elements() -> Any:
+            for i in range(count):
+                yield sub.load(sub.span(), cap, f"{what} #{i}")
+
+        return count, elements()
 
 
 def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     if name not in body:
         raise ManifestError(f"{what} has no {name!r} field")
     value = body[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and (kind is int or (isinstance(kind, tuple) and int in kind))
+    ):
         raise ManifestError(f"{what} field {name!r} has type {type(value).__name__}")
     return value
 
@@ -277,6 +397,10 @@ def _int(value: Any, what: str, low: int = 0, high: int | None = None) -> int:
     return value
 
 
+def _is_format(value: Any) -> bool:
+    return type(value) is int and value == FORMAT_VERSION  # not True, not 1.0
+
+
 def decode_notice(data: bytes) -> Notice:
     """Decode and validate a notice.
 
@@ -286,8 +410,8 @@ def decode_notice(data: bytes) -> Notice:
     body = _unpack(data, defaults.MAX_NOTICE_BYTES, "notice")
     if not isinstance(body, dict):
         raise ManifestError(f"notice is a {type(body).__name__}, not a map")
-    if body.get("format") != FORMAT_VERSION:
-        raise ManifestError(f"notice has unsupported format {body.get('format')!r}")
+    if not _is_format(body.get("format")):
+        raise ManifestError(f"notice has unsupported format {_short(body.get('format'))}")
     return Notice(
         version=_int(body.get("v"), "notice version", 1),
         total_bytes=_int(body.get("n"), "notice size"),
@@ -304,15 +428,19 @@ def _decode_tensor(raw: Any, index: int, total_bytes: int) -> TensorEntry:
         raise ManifestError(f"{what} key has {len(key)} parts (1-{_MAX_KEY_DEPTH} allowed)")
     for part in key:
         if not isinstance(part, str) or not part or len(part) > _MAX_KEY_PART_BYTES:
-            raise ManifestError(f"{what} key part {part!r} is not a non-empty string")
+            raise ManifestError(f"{what} key part {_short(part)} is not a non-empty string")
     what = f"manifest tensor {format_key(tuple(key))!r}"
     dtype = _field(raw, "dtype", str, what)
     if dtype not in DTYPES:
-        raise ManifestError(f"{what} has dtype {dtype!r}, not on the allow-list {sorted(DTYPES)}")
+        raise ManifestError(f"{what} has dtype {_short(dtype)}, not on the allow-list {sorted(DTYPES)}")
     shape = _field(raw, "shape", list, what)
     if len(shape) > _MAX_NDIM:
         raise ManifestError(f"{what} has {len(shape)} dimensions (at most {_MAX_NDIM})")
-    shape = tuple(_int(s, f"{what} dimension", 0, total_bytes) for s in shape)
+    # A dimension may exceed the blob when another one is 0 (a (0, 5) tensor takes no bytes), so
+    # dimensions are bounded by what torch can stride over; nbytes below ties them to the blob.
+    shape = tuple(_int(s, f"{what} dimension", 0, _MAX_DIM) for s in shape)
+    if math.prod(max(s, 1) for s in shape) > _MAX_DIM:
+        raise ManifestError(f"{what}: shape {list(shape)} is too large for torch to index")
     offset = _int(raw.get("offset"), f"{what} offset", 0, total_bytes)
     nbytes = _int(raw.get("nbytes"), f"{what} nbytes", 0, total_bytes)
     itemsize = DTYPES[dtype].itemsize
@@ -325,6 +453,57 @@ def _decode_tensor(raw: Any, index: int, total_bytes: int) -> TensorEntry:
     return TensorEntry(tuple(key), dtype, shape, offset, nbytes)
 
 
+_KNOWN_FIELDS = frozenset(
+    ("format", "version", "created", "publisher", "metadata", "total_bytes", "chunk_size", "checksum", "chunks",
+     "tensors", "chunk_digests", "signature")
+)
+
+
+def _manifest_fields(reader: _Reader) -> dict[str, tuple[int, int]]:
+    """Byte span of each known top-level field; nothing but the field names is decoded."""
+    data = reader.data
+    if not data:
+        raise ManifestError("manifest is empty")
+    kind = _wire_type(data[0])
+    if kind != "dict":
+        reader.span()  # say "truncated" or "not msgpack" rather than "not a map" where that is the problem
+        raise ManifestError(f"manifest is a {kind}, not a map")
+    count = reader.header("dict")
+    if count > _MAX_FIELDS:
+        raise ManifestError(f"manifest map has {count} fields (at most {_MAX_FIELDS})")
+    fields: dict[str, tuple[int, int]] = {}
+    for _ in range(count):
+        name = reader.load(reader.span(), _MAX_SCALAR_BYTES, "manifest field name")
+        if not isinstance(name, (str, bytes)):
+            raise ManifestError(f"manifest has a {type(name).__name__} field name")
+        value = reader.span()
+        if name in _KNOWN_FIELDS:
+            if name in fields:
+                raise ManifestError(f"manifest has field {name!r} twice")
+            fields[name] = value  # type: ignore[index]
+    if reader.tell() != len(data):
+        raise ManifestError(f"manifest has {len(data) - reader.tell()} bytes after its map")
+    return fields
+
+
+_MAX_USER_DEPTH = 32
+
+
+def _check_user_map(value: dict[Any, Any], what: str) -> None:
+    """Publisher and metadata maps: nested at most 32 deep (deeper breaks repr, == and re-encoding)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_USER_DEPTH:
+            raise ManifestError(f"{what} nests deeper than {_MAX_USER_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    try:  # what decodes must encode again: signing and re-publishing re-encode it
+        msgpack.packb(value, use_bin_type=True)
+    except _MSGPACK_ERRORS as exc:
+        raise ManifestError(f"{what} cannot be re-encoded ({type(exc).__name__}: {_short(str(exc))})") from exc
+
+
 def decode_manifest(
     data: bytes,
     *,
@@ -332,6 +511,10 @@ def decode_manifest(
     max_blob_bytes: int = defaults.MAX_BLOB_BYTES,
 ) -> Manifest:
     """Decode and fully validate a manifest.
+
+    The bytes are walked without decoding first; each field, chunk and tensor
+    entry is decoded only once its encoded size is known to be within its cap,
+    so memory stays proportional to what a valid manifest of that size needs.
 
     Args:
         data: the manifest's msgpack bytes as read from Redis.
@@ -347,25 +530,41 @@ def decode_manifest(
         >>> decode_manifest(encode_manifest(m)).tensors[0].shape
         (4,)
     """
-    body = _unpack(data, max_manifest_bytes, "manifest")
-    if not isinstance(body, dict):
-        raise ManifestError(f"manifest is a {type(body).__name__}, not a map")
-    fmt = body.get("format")
-    if fmt != FORMAT_VERSION:
-        raise ManifestError(f"manifest has unsupported format {fmt!r} (this release reads {FORMAT_VERSION})")
-    if body.get("checksum") != CHECKSUM:
-        raise ManifestError(f"manifest uses unknown checksum {body.get('checksum')!r}")
-    version = _int(body.get("version"), "manifest version", 1)
-    created = _field(body, "created", (int, float), "manifest")
-    publisher = _field(body, "publisher", dict, "manifest")
-    metadata = _field(body, "metadata", dict, "manifest")
-    total = _int(body.get("total_bytes"), "manifest total_bytes", 0, max_blob_bytes)
-    chunk_size = _int(body.get("chunk_size"), "manifest chunk_size", 1)
-    raw_chunks = _field(body, "chunks", list, "manifest")
+    reader = _Reader(_as_bytes(data, max_manifest_bytes, "manifest"), "manifest")
+    spans_of = _manifest_fields(reader)
+    _missing = object()
+
+    def get(name: str, cap: int = _MAX_SCALAR_BYTES, default: Any = None) -> Any:
+        span = spans_of.get(name)
+        return default if span is None else reader.load(span, cap, f"manifest field {name!r}")
+
+    def need(name: str, kind: type | tuple[type, ...], cap: int = _MAX_SCALAR_BYTES) -> Any:
+        value = get(name, cap, _missing)
+        return _field({} if value is _missing else {name: value}, name, kind, "manifest")
+
+    fmt = get("format")
+    if not _is_format(fmt):
+        raise ManifestError(f"manifest has unsupported format {_short(fmt)} (this release reads {FORMAT_VERSION})")
+    checksum = get("checksum")
+    if checksum != CHECKSUM:
+        raise ManifestError(f"manifest uses unknown checksum {_short(checksum)}")
+    version = _int(get("version"), "manifest version", 1)
+    created = need("created", (int, float))
+    if not math.isfinite(created):
+        raise ManifestError(f"manifest field 'created' is {created}")
+    publisher = need("publisher", dict, defaults.MAX_METADATA_BYTES)
+    _check_user_map(publisher, "manifest publisher")
+    metadata = need("metadata", dict, defaults.MAX_METADATA_BYTES)
+    _check_user_map(metadata, "manifest metadata")
+    total = _int(get("total_bytes"), "manifest total_bytes", 0, max_blob_bytes)
+    chunk_size = _int(get("chunk_size"), "manifest chunk_size", 1)
+    if "chunks" not in spans_of:
+        raise ManifestError("manifest has no 'chunks' field")
+    chunk_count, raw_chunks = reader.items(spans_of["chunks"], _MAX_CHUNK_ENTRY_BYTES, "manifest field 'chunks'")
     needed = -(-total // chunk_size)
-    if len(raw_chunks) != needed:
+    if chunk_count != needed:
         raise ManifestError(
-            f"manifest lists {len(raw_chunks)} chunks; {total} bytes in {chunk_size}-byte chunks need {needed}"
+            f"manifest lists {chunk_count} chunks; {total} bytes in {chunk_size}-byte chunks need {needed}"
         )
     spans = chunk_spans(total, chunk_size)
     checksums = []
@@ -376,9 +575,11 @@ def decode_manifest(
         if size != stop - start:
             raise ManifestError(f"manifest chunk {i} claims {size} bytes; the layout says {stop - start}")
         checksums.append(_int(raw[1], f"manifest chunk {i} checksum", 0, 2**64 - 1))
-    raw_tensors = _field(body, "tensors", list, "manifest")
-    if len(raw_tensors) > defaults.MAX_TENSORS:
-        raise ManifestError(f"manifest lists {len(raw_tensors)} tensors (at most {defaults.MAX_TENSORS})")
+    if "tensors" not in spans_of:
+        raise ManifestError("manifest has no 'tensors' field")
+    tensor_count, raw_tensors = reader.items(spans_of["tensors"], _MAX_TENSOR_ENTRY_BYTES, "manifest field 'tensors'")
+    if tensor_count > defaults.MAX_TENSORS:
+        raise ManifestError(f"manifest lists {tensor_count} tensors (at most {defaults.MAX_TENSORS})")
     tensors = [_decode_tensor(raw, i, total) for i, raw in enumerate(raw_tensors)]
     seen: set[TensorKey] = set()
     for t in tensors:
@@ -386,18 +587,30 @@ def decode_manifest(
             raise ManifestError(f"manifest lists tensor {format_key(t.key)!r} twice")
         seen.add(t.key)
     end = 0
-    for t in sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset):
-        if t.offset < end:
+    for t in sorted(tensors, key=lambda t: t.offset):
+        if t.nbytes and t.offset < end:
             raise ManifestError(f"manifest tensor {format_key(t.key)!r} at offset {t.offset} overlaps the previous one")
-        end = t.offset + t.nbytes
-    digests = body.get("chunk_digests")
-    if digests is not None:
-        if not isinstance(digests, list) or len(digests) != len(spans):
-            raise ManifestError("manifest chunk_digests do not match its chunks")
-        if not all(isinstance(d, bytes) and len(d) == 32 for d in digests):
-            raise ManifestError("manifest chunk_digests must be 32-byte digests")
-        digests = tuple(digests)
-    signature = body.get("signature")
+        if t.offset - end >= _MAX_ALIGNMENT:
+            raise ManifestError(
+                f"manifest tensor {format_key(t.key)!r} at offset {t.offset} leaves a gap of {t.offset - end} bytes "
+                f"(padding is under {_MAX_ALIGNMENT})"
+            )
+        end = max(end, t.offset + t.nbytes)
+    if total != end:
+        raise ManifestError(f"manifest total_bytes is {total}, but its tensors end at byte {end}")
+    digests = None
+    digest_span = spans_of.get("chunk_digests")
+    if digest_span is not None and reader.data[digest_span[0]] != 0xC0:  # nil reads as absent
+        digest_count, raw_digests = reader.items(digest_span, _MAX_DIGEST_ENTRY_BYTES, "manifest field 'chunk_digests'")
+        if digest_count != len(spans):
+            raise ManifestError(f"manifest chunk_digests list {digest_count} digests for {len(spans)} chunks")
+        checked = []
+        for d in raw_digests:
+            if not (isinstance(d, bytes) and len(d) == 32):
+                raise ManifestError("manifest chunk_digests must be 32-byte digests")
+            checked.append(d)
+        digests = tuple(checked)
+    signature = get("signature")
     if signature is not None and not (isinstance(signature, bytes) and len(signature) == 32):
         raise ManifestError("manifest signature must be 32 bytes")
     return Manifest(
