@@ -10,10 +10,8 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import msgpack
 import torch
 
-from . import defaults
 from .buffers import HostBuffer
 from .errors import PublishError, RedisBusError
 from .registry import PublisherReport, identity, report_publisher
@@ -35,6 +33,7 @@ from .wire import (
     Manifest,
     Notice,
     chunk_checksum,
+    check_metadata,
     chunk_spans,
     encode_manifest,
     encode_notice,
@@ -132,10 +131,7 @@ class WeightPublisher:
         """
         if self._closed:
             raise PublishError("publisher is closed")
-        meta = dict(metadata or {})
-        packed_meta = msgpack.packb(meta, use_bin_type=True)
-        if len(packed_meta) > defaults.MAX_METADATA_BYTES:
-            raise PublishError(f"metadata is {len(packed_meta)} bytes packed, over {defaults.MAX_METADATA_BYTES}")
+        meta = check_metadata(metadata or {})
         if self._pending is not None:
             self._pending.exception()  # wait; its error was or will be reported through its own future
         with self._lock:

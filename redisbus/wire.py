@@ -48,6 +48,7 @@ __all__ = [
     "decode_notice",
     "verify_chunks",
     "format_key",
+    "check_metadata",
 ]
 
 #: Version of the manifest format written by this release; decoders accept only this one.
@@ -502,6 +503,21 @@ def _check_user_map(value: dict[Any, Any], what: str) -> None:
         msgpack.packb(value, use_bin_type=True)
     except _MSGPACK_ERRORS as exc:
         raise ManifestError(f"{what} cannot be re-encoded ({type(exc).__name__}: {_short(str(exc))})") from exc
+
+
+def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """User metadata as workers will decode it, or the reason they would refuse it.
+
+    Raises:
+        ManifestError: not msgpack-able, non-string keys, too large, or nested too deep.
+    """
+    try:
+        packed = msgpack.packb(dict(metadata), use_bin_type=True)
+    except _MSGPACK_ERRORS as exc:
+        raise ManifestError(f"metadata cannot be encoded ({type(exc).__name__}: {_short(str(exc))})") from exc
+    body = _unpack(packed, defaults.MAX_METADATA_BYTES, "metadata")
+    _check_user_map(body, "metadata")
+    return body
 
 
 def decode_manifest(

@@ -239,7 +239,7 @@ def test_duplicate_reordered_and_garbage_notices_change_nothing(bus):
             raw.publish(channel, encode_notice(Notice(v, 10, "x")))
         raw.publish(channel, b"\xc1 not msgpack")
         raw.publish(channel, msgpack.packb({"format": 1, "v": "three"}))
-        assert wait_until(lambda: sub.stats()["notices"] >= 7)
+        assert wait_until(lambda: sub.stats()["notices"] >= 7 and sub.stats()["errors"] >= 2)
         assert sub.version == 3
         assert sub.stats()["pulls"] == pulls
         assert bit_identical(target, make_policy(2))
@@ -404,3 +404,16 @@ def test_wait_for_version_raises_the_refusal_instead_of_timing_out(bus):
         assert time.monotonic() - started < 10
         assert bit_identical(target, zeros_like_policy())
         assert sub.latest_version() == v
+
+
+def test_metadata_workers_would_refuse_is_refused_at_publish(fake_redis):
+    with WeightPublisher(fake_redis, namespace=NS) as pub:
+        with pytest.raises(ManifestError, match="metadata"):
+            pub.publish(make_policy(1), metadata={1: "non-string key"})
+        nested: dict = {}
+        for _ in range(40):
+            nested = {"n": nested}
+        with pytest.raises(ManifestError, match="deeper"):
+            pub.publish(make_policy(1), metadata=nested)
+        assert pub.latest_version() is None
+        assert pub.publish(make_policy(1), metadata={"step": 3, "tags": ["a"]}) == 1
