@@ -100,6 +100,8 @@ class BusConfig:
         for name in ("poll_interval", "heartbeat_interval", "socket_timeout", "backoff_base", "backoff_cap"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.signing_key, str):
+            object.__setattr__(self, "signing_key", self.signing_key.encode())
         if self.require_signature and not self.signing_key:
             raise ConfigError("require_signature is set but no signing_key was given")
         self._check_topology()
@@ -211,10 +213,11 @@ class BusConfig:
             current = known[name].default
             if isinstance(current, bool):
                 values[name] = _as_bool(name, raw)
-            elif isinstance(current, int):
-                values[name] = int(raw)
-            elif isinstance(current, float):
-                values[name] = float(raw)
+            elif isinstance(current, (int, float)):
+                try:
+                    values[name] = type(current)(raw)
+                except ValueError:
+                    raise ConfigError(f"URL option {name}={raw!r} is not a number") from None
             else:
                 values[name] = raw
         values.update(overrides)
@@ -256,8 +259,14 @@ class BusConfig:
         return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}{'?cluster=true' if self.cluster else ''}"
 
     def retry(self, retries: int = 3) -> Retry:
-        """redis-py retry policy: capped exponential backoff with full jitter."""
-        return Retry(ExponentialWithJitterBackoff(cap=self.backoff_cap, base=self.backoff_base), retries)
+        """redis-py retry policy: capped exponential backoff with full jitter.
+
+        Only connection errors (refused, reset, closed) are retried; a timeout
+        is not, so a server that stops answering costs one ``socket_timeout``,
+        not one per retry, before the caller's own recovery takes over.
+        """
+        backoff = ExponentialWithJitterBackoff(cap=self.backoff_cap, base=self.backoff_base)
+        return Retry(backoff, retries, supported_errors=(redis.ConnectionError,))
 
     def connection_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`redis.Redis` (and for raw connections of the fast path)."""
@@ -308,6 +317,6 @@ class BusConfig:
                 raise BusConnectionError(f"cannot use the Redis Cluster at {self.host}:{self.port}: {exc}") from exc
         return redis.Redis(
             retry=self.retry(retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            retry_on_error=[redis.ConnectionError],
             **self.connection_kwargs(),
         )

@@ -126,6 +126,7 @@ class WeightSubscriber:
         self._wake = threading.Event()
         self._report_due = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ping_unanswered_since: float | None = None
         self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap, base=self.config.backoff_base)
         self._replica: Any = None  # this worker's read replica (chosen by worker id), made on first pull
         self._replica_down_until = 0.0
@@ -451,6 +452,7 @@ class WeightSubscriber:
                     message = pubsub.get_sharded_message(timeout=_TICK_SECONDS)
                 else:
                     message = pubsub.get_message(timeout=_TICK_SECONDS)
+                self._check_notice_connection(pubsub)
                 if message is not None:
                     if message["type"] in ("subscribe", "ssubscribe"):
                         self._stats["subscribes"] += 1
@@ -484,6 +486,25 @@ class WeightSubscriber:
                 pubsub = self._drop(pubsub)
                 self._stop.wait(self._backoff.compute(failures))
         self._drop(pubsub)
+
+    def _check_notice_connection(self, pubsub: Any) -> None:
+        """Raise if the notice connection left its health-check PING unanswered for ``socket_timeout``.
+
+        A half-open connection (the server stopped answering, a proxy stopped
+        forwarding) is otherwise indistinguishable from a quiet channel.
+        """
+        if getattr(pubsub, "health_check_response_counter", 0) <= 0:
+            self._ping_unanswered_since = None
+            return
+        now = time.monotonic()
+        if self._ping_unanswered_since is None:
+            self._ping_unanswered_since = now
+        elif now - self._ping_unanswered_since > self.config.socket_timeout:
+            self._ping_unanswered_since = None
+            raise BusConnectionError(
+                f"the notice connection to {self.config.redacted_url()} did not answer a health check "
+                f"within {self.config.socket_timeout}s"
+            )
 
     @staticmethod
     def _drop(pubsub: Any) -> None:

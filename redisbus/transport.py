@@ -164,6 +164,24 @@ def resolve(source: RedisSource, namespace: str | None, overrides: dict[str, Any
     raise TypeError(f"expected a Redis URL, a BusConfig or a redis.Redis client, not {type(source).__name__}")
 
 
+def _tls_hint(exc: BaseException, client: Any) -> str:
+    """A pointer to the likely cause when a connection failed in (or for lack of) the TLS handshake."""
+    text = str(exc).lower()
+    if any(word in text for word in ("ssl", "tls", "certificate")):
+        return (
+            "; TLS handshake failed: check ssl_ca_certs (the CA that signed the server certificate), that the "
+            "URL's host name is in that certificate, ssl_certfile/ssl_keyfile if the server requires client "
+            "certificates, and that the port speaks TLS"
+        )
+    connection_class = getattr(getattr(client, "connection_pool", None), "connection_class", None)
+    uses_tls = isinstance(connection_class, type) and issubclass(connection_class, redis.SSLConnection)
+    if uses_tls and "timeout connecting" in text:
+        return "; no TLS handshake answer: if this port does not speak TLS, use redis://"
+    if not uses_tls and "reset by peer" in text:
+        return "; if this port only accepts TLS, use rediss://"
+    return ""
+
+
 @contextmanager
 def translate_errors(what: str, client: Any) -> Iterator[None]:
     """Re-raise redis-py errors met while doing ``what`` as redisbus errors (never with secrets)."""
@@ -177,9 +195,20 @@ def translate_errors(what: str, client: Any) -> Iterator[None]:
         # CLUSTERDOWN, a slot without a master, a node list gone stale: a failover in progress.
         raise BusConnectionError(f"{what}: Redis Cluster at {_describe(client)} unavailable ({type(exc).__name__}: {exc})") from exc
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BusConnectionError(f"{what}: cannot reach Redis at {_describe(client)} ({type(exc).__name__}: {exc})") from exc
+        raise BusConnectionError(
+            f"{what}: cannot reach Redis at {_describe(client)} ({type(exc).__name__}: {exc}){_tls_hint(exc, client)}"
+        ) from exc
     except redis.ResponseError as exc:
-        raise RedisCommandError(f"{what}: Redis at {_describe(client)} refused: {exc}") from exc
+        raise RedisCommandError(f"{what}: Redis at {_describe(client)} refused: {_error_code(exc)}{exc}") from exc
+
+
+def _error_code(exc: redis.ResponseError) -> str:
+    """The error code redis-py strips from some replies, put back: users search for NOPERM and OOM."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return "NOPERM (an ACL rule forbids it): "
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "OOM (maxmemory reached): "
+    return ""
 
 
 def _script(client: Any, source: str) -> Any:
@@ -355,8 +384,11 @@ def server_max_bulk_len(client: Any) -> int | None:
     """The server's ``proto-max-bulk-len`` (largest value it accepts), or None if it won't say."""
     try:
         reply = client.config_get("proto-max-bulk-len")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        with translate_errors("asking the server's proto-max-bulk-len", client):
+            raise exc  # unreachable is an error, not a refusal
     except (redis.RedisError, AttributeError, NotImplementedError):
-        return None
+        return None  # refused (an ACL without CONFIG GET) or unsupported: keep the configured size
     for value in reply.values() if isinstance(reply, dict) else ():
         try:
             return int(value)
