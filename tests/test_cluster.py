@@ -234,3 +234,46 @@ def test_a_master_failover_is_survived(cluster_factory):
         finally:
             for sub in subs:
                 sub.close()
+
+
+def _redis6_binary() -> str | None:
+    """A Redis 6 ``redis-server`` with a ``redis-cli`` beside it (PATH or this virtualenv), else None."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dirs = [str(Path(sys.executable).parent), *os.get_exec_path()]
+    for directory in dirs:
+        server = Path(directory) / "redis-server"
+        if server.exists() and (Path(directory) / "redis-cli").exists():
+            out = subprocess.run([str(server), "--version"], capture_output=True, text=True, timeout=10).stdout
+            match = re.search(r"v=(\d+)\.", out)
+            if match and int(match.group(1)) == 6:
+                return str(server)
+    return None
+
+
+def test_a_redis6_cluster_without_sharded_pubsub_uses_plain_notices():
+    binary = _redis6_binary()
+    if binary is None:
+        pytest.skip("no Redis 6 redis-server with redis-cli found")
+    from cluster_fixtures import LocalCluster
+
+    old = LocalCluster(3, 0, binary=binary).start()
+    try:
+        target = zeros_like_policy()
+        with WeightPublisher(old.url, namespace=NS) as pub, WeightSubscriber(
+            old.url, namespace=NS, target=target, apply="immediate", poll_interval=30
+        ) as sub:
+            assert not uses_sharded_pubsub(pub._client)  # no SPUBLISH before Redis 7
+            sub.start()
+            assert wait_until(lambda: sub.stats()["subscribes"] == 1)
+            pub.publish(make_policy(1))
+            pub.publish(make_policy(2))
+            assert wait_until(lambda: sub.version == 2, timeout=10)  # notices, not the 30 s poll
+            assert sub.stats()["notices"] >= 1
+            assert bit_identical(target, make_policy(2))
+    finally:
+        old.close()
