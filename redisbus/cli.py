@@ -259,7 +259,7 @@ def _when(ts: float | None) -> str:
 def _compact(data: Any, limit: int = 60) -> str:
     if not data:
         return ""
-    text = json.dumps(data, default=str, separators=(",", ":"))
+    text = json.dumps(data, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -280,6 +280,20 @@ def _table(title: str | None = None) -> Any:
     from rich.table import Table
 
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+
+
+def _add_rows(table: Any, rows: list[list[str]], flexible: int, width: int) -> None:
+    """Add ``rows``; when ``width`` is too narrow only column ``flexible`` is shortened (with an ellipsis)."""
+    from rich.text import Text
+
+    for row in rows:
+        table.add_row(*row)
+    fixed = 0
+    for i, column in enumerate(table.columns):
+        if i != flexible:
+            column.min_width = max([Text.from_markup(r[i]).cell_len for r in rows] + [len(str(column.header))])
+            fixed += column.min_width
+    table.columns[flexible].max_width = max(4, width - fixed - 3 * (len(table.columns) - 1))
 
 
 @contextmanager
@@ -320,7 +334,7 @@ def _progress(state: _State) -> Iterator[Any]:
 # --------------------------------------------------------------------------- the group
 
 
-_EPILOG = "Exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()) + "."
+_EPILOG = "\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES.items())
 
 
 @click.group(cls=_Group, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -368,7 +382,7 @@ def cli(ctx: click.Context, url: str | None, namespace: str, timeout: float, pro
 # --------------------------------------------------------------------------- listings
 
 
-@cli.command()
+@cli.command(short_help="Summary: latest, pin, versions, workers, publishers.")
 @_json_option
 @click.option("--dead-after", type=float, default=defaults.DEAD_AFTER_SECONDS, show_default=True, help="Seconds without a heartbeat before a worker counts as dead.")
 @pass_state
@@ -393,7 +407,7 @@ def status(state: _State, as_json: bool, dead_after: float) -> None:
         click.echo(f"warning: {len(recent)} publishers wrote to this namespace in the last 10 minutes", err=True)
 
 
-@cli.command()
+@cli.command(short_help="List the committed versions.")
 @_json_option
 @pass_state
 def versions(state: _State, as_json: bool) -> None:
@@ -404,7 +418,8 @@ def versions(state: _State, as_json: bool) -> None:
     table = _table(f"versions of {state.admin().where()}")
     for name, justify in (("version", "right"), ("state", "left"), ("created", "left"), ("publisher", "left"),
                           ("size", "right"), ("tensors", "right"), ("chunks", "right"), ("metadata", "left")):
-        table.add_column(name, justify=justify, no_wrap=name not in ("metadata",))
+        table.add_column(name, justify=justify, no_wrap=True)  # one line per version; `inspect` shows all metadata
+    rows = []
     for v in infos:
         flags = [f for f, on in (("latest", v.latest), ("pinned", v.pinned)) if on]
         if v.error:
@@ -414,7 +429,7 @@ def versions(state: _State, as_json: bool) -> None:
         if v.expires_in is not None:
             flags.append(f"fading {_age(v.expires_in)}")
         chunks = f"{v.chunks_present}/{v.chunk_count}"
-        table.add_row(
+        rows.append([
             str(v.version),
             ", ".join(flags),
             _when(v.created),
@@ -423,11 +438,12 @@ def versions(state: _State, as_json: bool) -> None:
             str(v.tensor_count),
             chunks if v.complete else f"[red]{chunks}[/red]",
             _compact(v.metadata),
-        )
+        ])
+    _add_rows(table, rows, flexible=7, width=state.console.width)
     state.print(table)
 
 
-@cli.command()
+@cli.command(short_help="Show a version's tensors and metadata (--stats).")
 @click.argument("version", type=VERSION, default=LATEST)
 @click.option("--stats", is_flag=True, help="Pull the version and show per-tensor min/max/mean/norm and NaN/Inf counts.")
 @_json_option
@@ -467,7 +483,7 @@ def inspect(state: _State, version: Any, stats: bool, as_json: bool) -> None:
     out.print(table)
 
 
-@cli.command()
+@cli.command(short_help="Check every chunk of versions (exit 1 when bad).")
 @click.argument("version_list", metavar="[VERSION]...", nargs=-1, type=VERSION)
 @click.option("--all", "all_versions", is_flag=True, help="Verify every committed version (and that latest and the pin are committed).")
 @_json_option
@@ -509,7 +525,7 @@ def verify(ctx: click.Context, state: _State, version_list: tuple[Any, ...], all
         ctx.exit(EXIT_VERIFY_FAILED)
 
 
-@cli.command()
+@cli.command(short_help="Compare two versions tensor by tensor.")
 @click.argument("old", type=VERSION)
 @click.argument("new", type=VERSION, default=LATEST)
 @click.option("--all", "show_all", is_flag=True, help="List unchanged tensors too.")
@@ -553,7 +569,7 @@ def diff(ctx: click.Context, state: _State, old: Any, new: Any, show_all: bool, 
         ctx.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="List workers: version, lag, heartbeat, dead.")
 @click.option("--dead-after", type=float, default=defaults.DEAD_AFTER_SECONDS, show_default=True, help="Seconds without a heartbeat before a worker counts as dead.")
 @click.option("--prune", is_flag=True, help="Forget the reports of dead workers (a live worker re-reports on its next heartbeat).")
 @_json_option
@@ -596,7 +612,7 @@ def workers(state: _State, dead_after: float, prune: bool, as_json: bool) -> Non
         state.print(f"pruned {len(pruned)} dead worker(s): {', '.join(pruned)}")
 
 
-@cli.command()
+@cli.command(short_help="Follow commits and worker applies live.")
 @click.option("--count", type=click.IntRange(min=1), help="Stop after N events.")
 @click.option("--timeout", "duration", type=click.FloatRange(min=0), help="Stop after this many seconds.")
 @click.option("--interval", type=click.FloatRange(min=0.05), default=0.5, show_default=True, help="Seconds between polls of latest and the worker reports.")
@@ -665,7 +681,7 @@ def _pin_warning(pin: int | None, version: int) -> None:
         click.echo(f"warning: the namespace is pinned at v{pin}; workers will not apply v{version} until `redisbus unpin`", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Republish an old version as a new version.")
 @click.argument("version", type=VERSION)
 @click.option("--metadata", "-m", "extra", multiple=True, metavar="KEY=VALUE", help="Extra metadata for the new version (VALUE parsed as JSON when it is JSON).")
 @_json_option
@@ -691,7 +707,7 @@ def rollback(state: _State, version: Any, extra: tuple[str, ...], as_json: bool)
     _pin_warning(result.pin, result.version)
 
 
-@cli.command()
+@cli.command(short_help="Hold workers at a version.")
 @click.argument("version", type=VERSION, default=LATEST)
 @_json_option
 @pass_state
@@ -716,7 +732,7 @@ def pin(state: _State, version: Any, as_json: bool) -> None:
         )
 
 
-@cli.command()
+@cli.command(short_help="Let workers move on to latest again.")
 @_json_option
 @pass_state
 def unpin(state: _State, as_json: bool) -> None:
@@ -731,7 +747,7 @@ def unpin(state: _State, as_json: bool) -> None:
         state.print(f"unpinned (was v{result.previous}){to}")
 
 
-@cli.command()
+@cli.command(short_help="Delete old versions and orphan chunks.")
 @click.option("--keep", type=click.IntRange(min=1), default=defaults.KEEP_VERSIONS, show_default=True, help="Newest versions kept whole.")
 @click.option("--dry-run", is_flag=True, help="Show what would go; change nothing.")
 @click.option("--grace", type=click.FloatRange(min=0), default=defaults.GRACE_SECONDS, show_default=True, help="Seconds evicted keys stay readable (a worker mid-pull finishes); 0 deletes at once.")
@@ -769,7 +785,7 @@ def gc(state: _State, keep: int, dry_run: bool, grace: float, pending_timeout: f
 # --------------------------------------------------------------------------- files
 
 
-@cli.command(name="export")
+@cli.command(name="export", short_help="Write a version to a safetensors file.")
 @click.argument("version", type=VERSION)
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
 @_json_option
@@ -789,7 +805,7 @@ def export_cmd(state: _State, version: Any, path: str, as_json: bool) -> None:
     )
 
 
-@cli.command(name="import")
+@cli.command(name="import", short_help="Publish a safetensors or state-dict file.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.option("--select", metavar="KEY[.KEY...]", help="Publish only the state dict under this entry of the file (e.g. 'model' or 'state_dict').")
 @click.option("--metadata", "-m", "extra", multiple=True, metavar="KEY=VALUE", help="Metadata for the new version (VALUE parsed as JSON when it is JSON).")
@@ -818,7 +834,7 @@ def import_cmd(state: _State, path: str, select: str | None, extra: tuple[str, .
 # --------------------------------------------------------------------------- demo
 
 
-@cli.command()
+@cli.command(short_help="Run a trainer and workers on the bus.")
 @click.option("--workers", "n_workers", type=click.IntRange(min=1), default=2, show_default=True, help="Worker processes.")
 @click.option("--versions", "n_versions", type=click.IntRange(min=1), default=5, show_default=True, help="Versions the trainer publishes.")
 @click.option("--interval", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Seconds between publishes.")
@@ -836,7 +852,10 @@ def demo(ctx: click.Context, n_workers: int, n_versions: int, interval: float) -
         click.core.ParameterSource.DEFAULT,
         None,
     )
-    code = run_demo(state.url, n_workers, n_versions, interval, state.namespace if explicit else "demo")
+    import inspect as _inspect
+
+    extra = {"out": sys.stdout} if "out" in _inspect.signature(run_demo).parameters else {}  # click's stdout, now
+    code = run_demo(state.url, n_workers, n_versions, interval, state.namespace if explicit else "demo", **extra)
     ctx.exit(code)
 
 

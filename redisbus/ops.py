@@ -961,7 +961,7 @@ class BusAdmin:
             version=r.version,
             lag=lag,
             heartbeat=r.heartbeat,
-            heartbeat_age=max(0.0, now - r.heartbeat),
+            heartbeat_age=round(max(0.0, now - r.heartbeat), 3),
             applied_at=r.applied_at,
             errors=r.errors,
             dead=dead,

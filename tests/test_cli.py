@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -344,20 +345,45 @@ def test_console_script_runs_as_a_real_process(url, free_port):
     done = subprocess.run([script, "--url", url, "versions", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert [v["version"] for v in json.loads(done.stdout)] == [1, 2]
-    done = subprocess.run([script, "--url", url, "-n", NS, "inspect", "9"], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 3 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    done = subprocess.run([script, "versions"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([script, "-n", NS, "inspect", "9"], capture_output=True, text=True, timeout=60,
                           env={**env, "REDISBUS_URL": f"redis://127.0.0.1:{free_port}/0"})
-    assert done.returncode == 4 and done.stderr.startswith("Error: ") and "Traceback" not in done.stderr
+    assert done.returncode == 4 and done.stderr.startswith("Error: ") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr and done.stdout == ""
 
 
 def test_demo_command_passes_its_options(url, monkeypatch):
     demo = pytest.importorskip("redisbus.demo")
     calls = []
-    monkeypatch.setattr(demo, "run_demo", lambda *a: calls.append(a) or 0)
+    monkeypatch.setattr(demo, "run_demo", lambda *a, out=None: calls.append(a) or 0)
     assert run(url, "demo", "--workers", "3", "--versions", "4", "--interval", "0.25", namespace=None).exit_code == 0
     assert calls[-1] == (url, 3, 4, 0.25, "demo")  # the default namespace is not the demo's
     assert run(url, "-n", "mine", "demo", namespace=None).exit_code == 0
     assert calls[-1] == (url, 2, 5, 0.5, "mine")
-    monkeypatch.setattr(demo, "run_demo", lambda *a: 1)
+    monkeypatch.setattr(demo, "run_demo", lambda *a, out=None: 1)
     assert run(url, "demo").exit_code == 1
+
+
+def test_demo_runs_a_trainer_and_a_worker_on_the_given_redis(url):
+    pytest.importorskip("redisbus.demo")
+    result = run(url, "demo", "--workers", "1", "--versions", "2", "--interval", "0.05", namespace=None)
+    assert result.exit_code == 0, result.output
+    assert "1/1 workers hold the trainer's exact weights of version 2" in result.stdout
+    assert json.loads(run(url, "-n", "demo", "versions", "--json").stdout)[-1]["version"] == 2
+
+
+def test_watch_stops_cleanly_on_ctrl_c(url):
+    script = shutil.which("redisbus") or str(Path(sys.executable).with_name("redisbus"))
+    if not Path(script).exists():
+        pytest.skip("the redisbus console script is not installed (pip install -e .)")
+    publish_versions(url, 1, namespace=NS)
+    proc = subprocess.Popen([script, "--url", url, "-n", NS, "watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"watching namespace '{NS}'") and "latest v1" in first
+        publish_versions(url, 1, namespace=NS, start_seed=3)
+        assert "v2 committed" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err and err == ""
