@@ -45,6 +45,8 @@ __all__ = [
     "refresh_topology",
     "publish_notice",
     "stage_manifest_and_wait",
+    "read_values_into",
+    "write_values",
 ]
 
 #: What the public classes accept as their first argument.
@@ -314,11 +316,7 @@ def write_chunks(client: Any, keys: KeySpace, version: int, blob: memoryview, sp
     """Store every chunk of ``blob`` under its chunk key."""
     items = [(keys.chunk(version, i), blob[start:stop]) for i, (start, stop) in enumerate(spans)]
     with translate_errors(f"writing the chunks of version {version}", client):
-        if is_cluster(client):
-            _per_master(client, [key for key, _ in items], lambda node, idx: _resp.write_chunks(node, [items[i] for i in idx]),
-                        lambda: _resp.write_chunks(client, items))  # fmt: skip
-        else:
-            _resp.write_chunks(client, items)
+        write_values(client, items)
 
 
 def read_chunks_into(client: Any, keys: KeySpace, manifest: Manifest, blob: memoryview) -> None:
@@ -327,11 +325,31 @@ def read_chunks_into(client: Any, keys: KeySpace, manifest: Manifest, blob: memo
     names = [keys.chunk(manifest.version, i) for i in range(len(spans))]
     views = [blob[start:stop] for start, stop in spans]
     with translate_errors(f"reading the chunks of version {manifest.version}", client):
-        if is_cluster(client):
-            _per_master(client, names, lambda node, idx: _resp.read_chunks_into(node, [names[i] for i in idx], [views[i] for i in idx]),
-                        lambda: _resp.read_chunks_into(client, names, views))  # fmt: skip
-        else:
-            _resp.read_chunks_into(client, names, views)
+        read_values_into(client, names, views)
+
+
+def write_values(client: Any, items: Sequence[tuple[str, memoryview]]) -> None:
+    """``SET`` each key to its view's bytes: the fast bulk path, and on a cluster every master's share at once.
+
+    Raises what :func:`redisbus._resp.write_chunks` raises.
+    """
+    if is_cluster(client):
+        _per_master(client, [key for key, _ in items], lambda node, idx: _resp.write_chunks(node, [items[i] for i in idx]),
+                    lambda: _resp.write_chunks(client, items))  # fmt: skip
+    else:
+        _resp.write_chunks(client, items)
+
+
+def read_values_into(client: Any, names: Sequence[str], views: Sequence[memoryview]) -> None:
+    """``GET`` each key straight into its view: the fast bulk path, and on a cluster every master's share at once.
+
+    Raises what :func:`redisbus._resp.read_chunks_into` raises.
+    """
+    if is_cluster(client):
+        _per_master(client, names, lambda node, idx: _resp.read_chunks_into(node, [names[i] for i in idx], [views[i] for i in idx]),
+                    lambda: _resp.read_chunks_into(client, names, views))  # fmt: skip
+    else:
+        _resp.read_chunks_into(client, names, views)
 
 
 def _per_master(

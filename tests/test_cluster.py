@@ -13,7 +13,7 @@ from redis.cluster import RedisCluster
 from tensordict import TensorDict
 
 from helpers import bit_identical, make_policy, snapshot, wait_until, zeros_like_policy
-from redisbus import BusConfig, ConfigError, WeightPublisher, WeightSubscriber
+from redisbus import BusConfig, BusConnectionError, ConfigError, WeightPublisher, WeightSubscriber
 from redisbus.keys import KeySpace
 from redisbus.retention import collect
 from redisbus.transport import is_cluster, uses_sharded_pubsub
@@ -201,6 +201,14 @@ def test_cluster_settings_that_cannot_work_are_refused(cluster):
         BusConfig.from_url(cluster.url + "&replicas=127.0.0.1:1")
     with pytest.raises(ConfigError, match="not to a Redis Cluster"):
         WeightPublisher(cluster.url, namespace=NS, wait_replicas=1)
+
+
+def test_an_unreachable_cluster_is_a_bus_connection_error_without_the_password(free_port):
+    # a cluster client learns the slot map when it is made, so the constructor is where it fails
+    with pytest.raises(BusConnectionError) as info:
+        WeightSubscriber(f"redis://:hunter2@127.0.0.1:{free_port}/0?cluster=true", namespace=NS,
+                         target=zeros_like_policy(), socket_timeout=1)  # fmt: skip
+    assert "hunter2" not in str(info.value) and str(free_port) in str(info.value)
 
 
 def test_a_master_failover_is_survived(cluster_factory):
