@@ -626,12 +626,12 @@ def watch(state: _State, count: int | None, duration: float | None, interval: fl
     --count N events or --timeout seconds. --json prints one JSON object per line.
     """
     admin = state.admin()
-    latest, pin = admin.head()
+    events = admin.watch(poll_interval=interval, dead_after=dead_after, timeout=duration)  # subscribed from here on
     if not as_json:
+        latest, pin = admin.head()
         head = f"latest v{latest}" if latest is not None else "no versions yet"
         click.echo(f"watching {admin.where()} ({head}{f', pinned at v{pin}' if pin is not None else ''}); Ctrl-C to stop")
     seen = 0
-    events = admin.watch(poll_interval=interval, dead_after=dead_after, timeout=duration)
     try:
         for event in events:
             if as_json:

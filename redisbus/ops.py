@@ -1226,16 +1226,31 @@ class BusAdmin:
 
         The notify channel wakes it up; ``latest`` and the worker reports are
         also polled every ``poll_interval`` seconds, so a lost notice only
-        delays an event.
+        delays an event. The starting point (latest, pin, worker reports) and
+        the subscription are taken when ``watch`` is called, not at the first
+        ``next()``, so nothing that happens in between is missed.
         """
         latest, pin = self.head()
-        seen_version = latest or 0
         known = {w.worker_id: w for w in self.workers(dead_after)}
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        with self._redis("subscribing to notices"):
+            pubsub.subscribe(self.keys.notify)
+        # everything above ran now; only the loop below waits for the caller's next()
+        return self._follow(pubsub, latest or 0, pin, known, poll_interval, dead_after, timeout, clock)
+
+    def _follow(
+        self,
+        pubsub: Any,
+        seen_version: int,
+        pin: int | None,
+        known: dict[str, WorkerStatus],
+        poll_interval: float,
+        dead_after: float,
+        timeout: float | None,
+        clock: Callable[[], float],
+    ) -> Iterator[dict[str, Any]]:
         deadline = None if timeout is None else clock() + timeout
         try:
-            with self._redis("subscribing to notices"):
-                pubsub.subscribe(self.keys.notify)
             next_poll = 0.0
             while True:
                 now = clock()
