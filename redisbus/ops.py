@@ -443,10 +443,9 @@ def _flatten_tree(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return {prefix: tree}
     if not isinstance(tree, Mapping):
+        what = f"entry {prefix!r} is not a tensor" if prefix else "the file holds neither a tensor nor a mapping of tensors"
         raise FileFormatError(
-            f"{prefix or 'the file'} holds a {type(tree).__name__}, not a tensor"
-            + ("" if prefix else " or a mapping of tensors")
-            + "; use --select to pick the state dict inside a checkpoint"
+            f"{what} ({type(tree).__name__}); use --select to pick the state dict inside a checkpoint"
         )
     out: dict[str, torch.Tensor] = {}
     for name, value in tree.items():
@@ -1029,7 +1028,7 @@ class BusAdmin:
         return WeightPublisher(
             self.client,
             namespace=self.namespace,
-            publisher_id=f"redisbus-cli@{socket.gethostname()}:{os.getpid()}",
+            publisher_id=f"redisbus-cli@{socket.gethostname()}",  # one report per host, not per run
             chunk_size=max(1024, chunk_size or self.config.chunk_size),
             keep_versions=_NO_GC_KEEP,
             signing_key=self.config.signing_key,
