@@ -53,7 +53,13 @@ class SignatureError(RedisBusError):
 
 
 class PublishError(RedisBusError):
-    """A publish could not be completed; ``latest`` still names the previous complete version."""
+    """A publish could not be completed; ``latest`` still names a complete version.
+
+    That is the previous one, except when the connection broke while the commit
+    ran: the outcome is then unknown, and ``latest`` may name this version,
+    complete (its chunks are kept; garbage collection fades them if the commit
+    did not happen).
+    """
 
 
 class RedisCommandError(RedisBusError):

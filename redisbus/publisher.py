@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .buffers import HostBuffer
-from .errors import PublishError, RedisBusError
+from .errors import BusConnectionError, PublishError, RedisBusError
 from .registry import PublisherReport, identity, report_publisher
 from .retention import collect
 from .signing import sign_manifest
@@ -125,7 +125,8 @@ class WeightPublisher:
             The committed version number (or a future of it).
 
         Raises:
-            PublishError: the upload or commit failed; ``latest`` is unchanged.
+            PublishError: the upload or commit failed; ``latest`` is unchanged (unless the
+                connection broke during the commit itself; see :class:`~redisbus.PublishError`).
             SchemaMismatchError: a leaf that is not a tensor.
             ManifestError: a dtype off the allow-list, or metadata too large.
         """
@@ -182,7 +183,16 @@ class WeightPublisher:
         version = allocate_version(self._client, self.keys, self._last_version)
         try:
             write_chunks(self._client, self.keys, version, blob, spans)
+        except RedisBusError:
+            self._discard_chunks(version, len(spans))
+            raise
+        try:
             latest, created = self._commit(version, total, chunk_size, checksums, entries, metadata, blob)
+        except BusConnectionError:
+            # The commit may have run before the connection broke: keep the chunks (GC's orphan
+            # sweep fades them if the version was never committed) rather than gut a committed version.
+            self._last_version = max(self._last_version, version)
+            raise
         except RedisBusError:
             self._discard_chunks(version, len(spans))
             raise
@@ -190,19 +200,22 @@ class WeightPublisher:
         if latest != version:
             log.warning("version %d committed but latest is %d: another publisher shares namespace %r",
                         version, latest, self.keys.namespace)
-        report_publisher(
-            self._client,
-            self.keys,
-            PublisherReport(self.publisher_id, version, created, self._identity["host"], self._identity["pid"]),
-        )
-        collect(
-            self._client,
-            self.keys,
-            keep=self.config.keep_versions,
-            grace_seconds=self.config.grace_seconds,
-            pending_timeout=self.config.pending_timeout_seconds,
-            scan_orphans=False,
-        )
+        try:
+            report_publisher(
+                self._client,
+                self.keys,
+                PublisherReport(self.publisher_id, version, created, self._identity["host"], self._identity["pid"]),
+            )
+            collect(
+                self._client,
+                self.keys,
+                keep=self.config.keep_versions,
+                grace_seconds=self.config.grace_seconds,
+                pending_timeout=self.config.pending_timeout_seconds,
+                scan_orphans=False,
+            )
+        except RedisBusError as exc:  # the version is committed: a failed report or GC must not say otherwise
+            log.warning("version %d committed, but reporting or garbage collection failed: %s", version, exc)
         log.debug("published version %d (%d bytes, %d chunks)", version, total, len(spans))
         return version
 

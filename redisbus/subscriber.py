@@ -419,7 +419,11 @@ class WeightSubscriber:
             pid=self._identity["pid"],
             errors=sum(v for k, v in self._stats.items() if k.startswith("error:")),
         )
-        report_worker(self._client, self.keys, report)
+        try:
+            report_worker(self._client, self.keys, report)
+        except RedisCommandError as exc:  # refused (maxmemory, an ACL): weights matter more than the heartbeat
+            self._count_error(exc)
+            log.warning("worker %s could not report its heartbeat: %s", self.worker_id, exc)
 
     # -- the listener ------------------------------------------------------------------------
 
