@@ -37,7 +37,7 @@ from .errors import (
     VersionNotFoundError,
 )
 
-__all__ = ["cli", "main", "EXIT_CODES", "exit_code_for", "redact"]
+__all__ = ["EXIT_CODES", "cli", "exit_code_for", "main", "redact"]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -305,7 +305,14 @@ def _progress(state: _State) -> Iterator[Any]:
     if state.progress == "never" or (state.progress == "auto" and not console.is_terminal):
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     bar = Progress(
         TextColumn("{task.description}"),

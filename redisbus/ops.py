@@ -23,6 +23,7 @@ pin and re-announces ``latest`` so workers move on at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -50,33 +51,42 @@ from .errors import (
     SignatureError,
     VersionNotFoundError,
 )
-from .registry import PublisherReport, WorkerReport, list_publishers, list_workers
+from .registry import WorkerReport, list_publishers, list_workers
 from .retention import GcReport, collect
 from .signing import verify_chunk_digests, verify_signature
 from .transport import RedisSource, read_head, read_manifest, resolve, translate_errors
-from .wire import Manifest, Notice, TensorEntry, chunk_checksum, encode_notice, format_key, manifest_digest, verify_chunks
+from .wire import (
+    Manifest,
+    Notice,
+    TensorEntry,
+    chunk_checksum,
+    encode_notice,
+    format_key,
+    manifest_digest,
+    verify_chunks,
+)
 
 __all__ = [
+    "SAFETENSORS_DTYPES",
     "BusAdmin",
-    "FileFormatError",
-    "Progress",
-    "VersionInfo",
-    "TensorStats",
-    "Inspection",
     "ChunkProblem",
-    "VerifyResult",
-    "TensorDiff",
     "DiffResult",
-    "WorkerStatus",
+    "ExportResult",
+    "FileFormatError",
+    "Inspection",
+    "PinResult",
+    "Progress",
+    "PublishResult",
     "PublisherStatus",
     "Status",
-    "PinResult",
-    "PublishResult",
-    "ExportResult",
-    "tensor_stats",
-    "read_weights_file",
+    "TensorDiff",
+    "TensorStats",
+    "VerifyResult",
+    "VersionInfo",
+    "WorkerStatus",
     "parse_metadata",
-    "SAFETENSORS_DTYPES",
+    "read_weights_file",
+    "tensor_stats",
 ]
 
 #: Bytes read per batch of chunks (bounds memory of ``verify`` and the progress granularity).
@@ -405,7 +415,7 @@ def tensor_stats(tensor: torch.Tensor) -> TensorStats:
 
 
 def _tensor_diff(key: str, old: TensorEntry, new: TensorEntry, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
-    base = dict(key=key, old_dtype=old.dtype, new_dtype=new.dtype, old_shape=list(old.shape), new_shape=list(new.shape))
+    base = {"key": key, "old_dtype": old.dtype, "new_dtype": new.dtype, "old_shape": list(old.shape), "new_shape": list(new.shape)}
     if old.dtype != new.dtype:
         return TensorDiff(change="dtype", **base)
     if old.shape != new.shape:
@@ -580,7 +590,7 @@ class BusAdmin:
     def __repr__(self) -> str:
         return f"BusAdmin({self.config.redacted_url()!r}, namespace={self.namespace!r})"
 
-    def __enter__(self) -> BusAdmin:
+    def __enter__(self) -> BusAdmin:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -589,10 +599,8 @@ class BusAdmin:
     def close(self) -> None:
         """Close the connection (when this object opened it)."""
         if self._owns_client:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection has nothing left to report
                 self.client.close()
-            except Exception:  # closing a dead connection has nothing left to report
-                pass
 
     def _redis(self, what: str) -> Any:
         return translate_errors(what, self.client)
@@ -1282,10 +1290,8 @@ class BusAdmin:
                     if before is not None and w.dead != before.dead:
                         yield {"event": "dead" if w.dead else "alive", **base, "heartbeat_age": round(w.heartbeat_age, 3)}
         finally:
-            try:
+            with contextlib.suppress(Exception):  # the connection may already be gone
                 pubsub.close()
-            except Exception:  # the connection may already be gone
-                pass
 
     def _version_event(self, version: int) -> dict[str, Any]:
         event: dict[str, Any] = {"event": "version", "time": time.time(), "version": version}

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-
 from helpers import bit_identical, wait_until
+from test_ops import CHUNK, make_policy, publish_versions, zeros_like_policy
+
 from redisbus import WeightSubscriber
 from redisbus.cli import EXIT_CODES, cli
 from redisbus.keys import KeySpace
 from redisbus.registry import WorkerReport, report_worker
-from test_ops import CHUNK, make_policy, publish_versions, zeros_like_policy
 
 NS = "cli"
 
@@ -343,10 +343,10 @@ def test_console_script_runs_as_a_real_process(url, free_port):
         pytest.skip("the redisbus console script is not installed (pip install -e .)")
     publish_versions(url, 2, namespace=NS)
     env = {"PATH": str(Path(sys.executable).parent), "REDISBUS_NAMESPACE": NS}
-    done = subprocess.run([script, "--url", url, "versions", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run([script, "--url", url, "versions", "--json"], check=False, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert [v["version"] for v in json.loads(done.stdout)] == [1, 2]
-    done = subprocess.run([script, "-n", NS, "inspect", "9"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([script, "-n", NS, "inspect", "9"], check=False, capture_output=True, text=True, timeout=60,
                           env={**env, "REDISBUS_URL": f"redis://127.0.0.1:{free_port}/0"})
     assert done.returncode == 4 and done.stderr.startswith("Error: ") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr and done.stdout == ""
@@ -392,3 +392,22 @@ def test_watch_stops_cleanly_on_ctrl_c(url):
     finally:
         proc.kill()
     assert proc.returncode == 0 and err == ""
+
+
+def test_an_ops_user_confined_to_its_namespace_runs_every_command(redis_server_factory):
+    """The ops ACL user documented in docs/cli.md: the namespace's keys and channel, no @dangerous commands."""
+    server = redis_server_factory(password="admin-pass")
+    admin = server.client()
+    keys = KeySpace(NS)
+    admin.execute_command("ACL", "SETUSER", "rb-cli-ops", "reset", "on", ">ops-pass", "resetchannels",
+                          f"~{keys.control_pattern}", f"~{keys.chunk_pattern}", f"&{keys.notify}", "+@all", "-@dangerous")
+    ops_url = f"redis://rb-cli-ops:ops-pass@127.0.0.1:{server.port}/0"
+    publish_versions(server.url, 3, namespace=NS)
+    for args in (["versions"], ["status"], ["inspect", "--stats"], ["verify", "--all"], ["diff", "1"], ["workers"],
+                 ["watch", "--timeout", "0.2"], ["rollback", "1"], ["pin", "2"], ["unpin"], ["gc", "--keep", "1"]):
+        result = run(ops_url, *args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "ops-pass" not in result.output
+    denied = run(ops_url, "versions", namespace="other")
+    fails(denied, 5, "no permissions")
+    assert "ops-pass" not in denied.output

@@ -7,15 +7,19 @@ import pickle
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from tensordict import TensorDict
-
 from helpers import bit_identical, wait_until
 from helpers import make_policy as _small_policy
-from redisbus import CorruptBlobError, VersionNotFoundError, WeightPublisher, WeightSubscriber
+from tensordict import TensorDict
+
+from redisbus import (
+    CorruptBlobError,
+    VersionNotFoundError,
+    WeightPublisher,
+    WeightSubscriber,
+)
 from redisbus.errors import ConfigError
 from redisbus.keys import KeySpace
 from redisbus.ops import BusAdmin, FileFormatError, read_weights_file, tensor_stats
@@ -140,7 +144,7 @@ def test_inspect_lists_tensors_and_computes_stats_from_the_pulled_blob(url, admi
 
 
 def test_tensor_stats_slices_large_tensors(monkeypatch):
-    import redisbus.ops as ops
+    from redisbus import ops
 
     monkeypatch.setattr(ops, "STATS_SLICE", 7)
     t = torch.arange(100, dtype=torch.float32)
