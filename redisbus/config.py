@@ -123,10 +123,8 @@ class BusConfig:
                 raise ConfigError(f"wait_replicas must be a whole number, got {self.wait_replicas!r}") from None
         if self.wait_replicas is not None and self.wait_replicas < 0:
             raise ConfigError(f"wait_replicas must be 0 or more, got {self.wait_replicas}")
-        if self.replicas_to_wait and not 0 < self.wait_timeout < self.socket_timeout:
-            raise ConfigError(
-                f"wait_timeout must be positive and below socket_timeout ({self.socket_timeout}s), got {self.wait_timeout}"
-            )
+        if self.wait_timeout <= 0:
+            raise ConfigError(f"wait_timeout must be positive, got {self.wait_timeout}")
         if self.cluster:
             if self.unix_socket_path:
                 raise ConfigError("a Redis Cluster is reached over TCP, not a unix socket")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .buffers import HostBuffer
-from .errors import BusConnectionError, PublishError, RedisBusError
+from .errors import ConfigError, BusConnectionError, PublishError, RedisBusError
 from .registry import PublisherReport, identity, report_publisher
 from .retention import collect
 from .signing import sign_manifest
@@ -76,6 +76,13 @@ class WeightPublisher:
         **settings: Any,
     ) -> None:
         self.config, self._client, self._owns_client = resolve(redis, namespace, settings)
+        if self.config.replicas_to_wait and self.config.wait_timeout >= self.config.socket_timeout:
+            if self._owns_client:
+                self._client.close()
+            raise ConfigError(
+                f"wait_timeout ({self.config.wait_timeout}s) must be below socket_timeout ({self.config.socket_timeout}s): "
+                "the publisher's WAIT for its replicas runs on a socket with that timeout"
+            )
         self.keys = self.config.keys
         ident = identity()
         self.publisher_id = publisher_id or f"{ident['host']}:{ident['pid']}:{uuid.uuid4().hex[:8]}"

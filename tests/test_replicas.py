@@ -44,8 +44,12 @@ def test_settings_parse_from_the_url_and_refuse_nonsense():
         BusConfig(replicas="no-port")
     with pytest.raises(ConfigError, match="whole number"):
         BusConfig.from_url("redis://h:1/0?wait_replicas=all")
-    with pytest.raises(ConfigError, match="below socket_timeout"):
-        BusConfig(wait_replicas=1, wait_timeout=30, socket_timeout=10)
+    with pytest.raises(ConfigError, match="wait_timeout must be positive"):
+        BusConfig(wait_timeout=0)
+    with pytest.raises(ConfigError, match="below socket_timeout"):  # only the publisher WAITs
+        WeightPublisher("redis://127.0.0.1:1/0?replicas=r:1&wait_timeout=3&socket_timeout=1")
+    worker = WeightSubscriber("redis://127.0.0.1:1/0?replicas=r:1&socket_timeout=1", target=zeros_like_policy())
+    worker.close()
     with pytest.raises(ConfigError, match="not to a Redis Cluster"):
         BusConfig(cluster=True, replicas=("r:1",))
 
