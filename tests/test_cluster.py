@@ -225,6 +225,10 @@ def test_a_master_failover_is_survived(cluster_factory):
                 assert sub.wait_for_version(v1, timeout=10) == v1
             dead = own.kill_master_with_replica(KEYS.latest)
             own.wait_failover(dead)
+            late_target = big_policy().apply(torch.zeros_like)
+            with WeightSubscriber(own.url, namespace=NS, target=late_target, **fast) as late:
+                assert late.sync() == v1  # the promoted replica serves the dead master's share
+                assert bit_identical(late_target, big_policy(1))
             v2 = None
             deadline = time.monotonic() + 15
             while v2 is None:  # a trainer retries a failed publish at its next step
