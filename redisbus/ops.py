@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from tensordict import TensorDict
 
-from . import _resp, defaults
+from . import defaults
 from .buffers import HostBuffer
 from .errors import (
     ConfigError,
@@ -54,7 +54,14 @@ from .errors import (
 from .registry import WorkerReport, list_publishers, list_workers
 from .retention import GcReport, collect
 from .signing import verify_chunk_digests, verify_signature
-from .transport import RedisSource, read_head, read_manifest, resolve, translate_errors
+from .transport import (
+    RedisSource,
+    read_head,
+    read_manifest,
+    read_values_into,
+    resolve,
+    translate_errors,
+)
 from .wire import (
     Manifest,
     Notice,
@@ -655,7 +662,7 @@ class BusAdmin:
 
     def _read_chunks(self, version: int, indices: Sequence[int], views: Sequence[memoryview]) -> None:
         with self._redis(f"reading the chunks of version {version}"):
-            _resp.read_chunks_into(self.client, [self.keys.chunk(version, i) for i in indices], views)
+            read_values_into(self.client, [self.keys.chunk(version, i) for i in indices], views)
 
     def _batches(self, manifest: Manifest) -> list[list[int]]:
         per = max(1, READ_BATCH_BYTES // max(1, manifest.chunk_size))
