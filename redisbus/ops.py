@@ -1137,7 +1137,9 @@ class BusAdmin:
                     for _, entry in entries:
                         out.write(blob[entry.offset : entry.offset + entry.nbytes])
                         progress.advance(entry.nbytes)
-                os.chmod(tmp, 0o644)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # what open() would have made, not mkstemp's 0600
                 os.replace(tmp, target)
             except OSError as exc:
                 raise FileFormatError(f"cannot write {target}: {exc.strerror or exc}") from exc
