@@ -302,6 +302,7 @@ def test_two_publishers_on_one_namespace_get_unique_increasing_versions_and_are_
     result = CliRunner().invoke(cli, ["--url", redis_server.url, "-n", NS, "status"])
     assert result.exit_code == 0
     assert "trainer-a" in result.output and "trainer-b" in result.output
+    assert "2 publishers wrote to this namespace" in result.output
 
 
 # --------------------------------------------------------------------------- out of memory
@@ -365,3 +366,25 @@ def test_publisher_backoff_is_capped_and_the_error_is_a_connection_error(redis_s
         assert isinstance(caught.value.__cause__, BusConnectionError)
         redis_server.start()
         assert pub.publish(make_policy(3)) >= 2
+
+
+# --------------------------------------------------------------------------- the soak script, tiny
+
+
+@pytest.mark.slow
+def test_soak_script_smoke():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+    args = ["--workers", "2", "--versions", "10", "--interval", "0.05", "--size-mb", "0.25", "--kill-min", "0.2",
+            "--kill-max", "0.4", "--down-max", "0.2", "--poison-every", "4", "--json"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] and summary["problems"] == []
+    assert summary["restarts"] >= 1
+    assert summary["final_version"] >= 10 and summary["versions_committed"] == 8  # 2 of 10 steps poisoned
+    for worker in summary["workers"].values():
+        assert worker["applies"] >= 1
