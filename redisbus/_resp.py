@@ -114,6 +114,7 @@ def write_chunks(
     *,
     expire_seconds: float | None = None,
     connections: int = 1,
+    before_send: Callable[[str, memoryview], None] | None = None,
 ) -> None:
     """``SET`` each key to its view's bytes, pipelined, without copying the payloads.
 
@@ -123,6 +124,9 @@ def write_chunks(
             format; its raw bytes are stored).
         expire_seconds: if given, each key gets this time to live (``PX``).
         connections: number of pool connections used in parallel (threads).
+        before_send: called with ``(key, byte view)`` just before each payload
+            is sent (e.g. to checksum it while the previous one drains); from
+            the sending thread, once per key and attempt.
 
     Raises:
         BusConnectionError: the socket failed, timed out or was closed (the
@@ -135,10 +139,10 @@ def write_chunks(
     if not views:
         return
     if not fast_path_available(client):
-        _write_chunks_plain(client, views, expire_seconds=expire_seconds)
+        _write_chunks_plain(client, views, expire_seconds=expire_seconds, before_send=before_send)
         return
     _run_parallel(
-        lambda part, stop: _with_connection(client, lambda conn: _write_on(conn, part, px, stop)),
+        lambda part, stop: _with_connection(client, lambda conn: _write_on(conn, part, px, stop, before_send)),
         views,
         [len(v) for _, v in views],
         connections,
@@ -151,6 +155,7 @@ def read_chunks_into(
     views: Sequence[memoryview],
     *,
     connections: int = 1,
+    after_recv: Callable[[str, memoryview], None] | None = None,
 ) -> None:
     """``GET`` each key straight into its view with ``recv_into``, pipelined.
 
@@ -162,6 +167,10 @@ def read_chunks_into(
         keys: chunk keys.
         views: one writable, C-contiguous view per key.
         connections: number of pool connections used in parallel (threads).
+        after_recv: called with ``(key, byte view)`` as soon as each value has
+            landed whole in its view (e.g. to verify it while the next ones
+            arrive); a :class:`~redisbus.errors.RedisBusError` it raises stops
+            the transfer and is raised once the connection is back in sync.
 
     Raises:
         VersionNotFoundError: a key does not exist (names the key).
@@ -176,10 +185,10 @@ def read_chunks_into(
     if not pairs:
         return
     if not fast_path_available(client):
-        _read_chunks_into_plain(client, [k for k, _ in pairs], [v for _, v in pairs])
+        _read_chunks_into_plain(client, [k for k, _ in pairs], [v for _, v in pairs], after_recv=after_recv)
         return
     _run_parallel(
-        lambda part, stop: _with_connection(client, lambda conn: _read_on(conn, part, stop)),
+        lambda part, stop: _with_connection(client, lambda conn: _read_on(conn, part, stop, after_recv)),
         pairs,
         [len(v) for _, v in pairs],
         connections,
@@ -190,13 +199,19 @@ def read_chunks_into(
 
 
 def _write_chunks_plain(
-    client: Any, items: Sequence[tuple[str, memoryview]], *, expire_seconds: float | None = None
+    client: Any,
+    items: Sequence[tuple[str, memoryview]],
+    *,
+    expire_seconds: float | None = None,
+    before_send: Callable[[str, memoryview], None] | None = None,
 ) -> None:
     """Fallback of :func:`write_chunks`: redis-py pipelines of ``SET`` (copies, but works everywhere)."""
     px = _expire_ms(expire_seconds)
     for batch in _batches(items, lambda item: len(item[1])):
         pipe = client.pipeline(transaction=False)
         for key, view in batch:
+            if before_send is not None:
+                before_send(key, view)
             pipe.set(key, view, px=px)  # byte-format view: redis-py's Python packer sends it uncopied
         try:
             replies = pipe.execute(raise_on_error=False)
@@ -207,7 +222,13 @@ def _write_chunks_plain(
                 raise PublishError(f"Redis refused chunk {key!r}: {reply}") from reply
 
 
-def _read_chunks_into_plain(client: Any, keys: Sequence[str], views: Sequence[memoryview]) -> None:
+def _read_chunks_into_plain(
+    client: Any,
+    keys: Sequence[str],
+    views: Sequence[memoryview],
+    *,
+    after_recv: Callable[[str, memoryview], None] | None = None,
+) -> None:
     """Fallback of :func:`read_chunks_into`: redis-py pipelines of ``GET``, values copied into the views."""
     pairs = list(zip(keys, views))
     for batch in _batches(pairs, lambda item: len(item[1])):
@@ -230,6 +251,8 @@ def _read_chunks_into_plain(client: Any, keys: Sequence[str], views: Sequence[me
             if len(value) != len(view):
                 raise CorruptBlobError(f"chunk {key!r} holds {len(value)} bytes, expected {len(view)}")
             view[:] = value
+            if after_recv is not None:
+                after_recv(key, view)
 
 
 def _batches(items: Sequence[_T], size: Callable[[_T], int]) -> list[list[_T]]:
@@ -526,7 +549,11 @@ def _wire_errors(what: str, key: Callable[[], str]) -> Callable[[BaseException],
 
 
 def _write_on(
-    conn: Connection, items: Sequence[tuple[str, memoryview]], px: int | None, stop: threading.Event
+    conn: Connection,
+    items: Sequence[tuple[str, memoryview]],
+    px: int | None,
+    stop: threading.Event,
+    before_send: Callable[[str, memoryview], None] | None = None,
 ) -> Exception | None:
     """Pipelined raw ``SET``s on one connection.
 
@@ -568,6 +595,8 @@ def _write_on(
             if failure is not None or stop.is_set():
                 break
             current[0] = key
+            if before_send is not None:
+                before_send(key, view)  # while the previous payload drains from the socket buffers
             key_b = encode(key)
             size = len(view)
             pending.append((key, size))  # before sending: a refusal mid-payload is this key's
@@ -617,7 +646,12 @@ def _salvage_error(wire: _Wire, pending: deque[tuple[str, int]]) -> tuple[str, b
 # --------------------------------------------------------------------------- fast read
 
 
-def _read_on(conn: Connection, pairs: Sequence[tuple[str, memoryview]], stop: threading.Event) -> Exception | None:
+def _read_on(
+    conn: Connection,
+    pairs: Sequence[tuple[str, memoryview]],
+    stop: threading.Event,
+    after_recv: Callable[[str, memoryview], None] | None = None,
+) -> Exception | None:
     """Pipelined raw ``GET``s on one connection.
 
     The next ``GET`` goes out as soon as fewer than :data:`READ_WINDOW_BYTES`
@@ -679,6 +713,11 @@ def _read_on(conn: Connection, pairs: Sequence[tuple[str, memoryview]], stop: th
                             top_up()
                     wire.expect_crlf()
                     expected = 0
+                    if after_recv is not None:
+                        try:
+                            after_recv(key, view)  # while the next values arrive in the socket buffers
+                        except RedisBusError as exc:
+                            failure = exc  # drain what was asked for; raised once the stream is in sync
                 elif length < 0:
                     failure = failure or VersionNotFoundError(f"chunk {key!r} does not exist")
                 else:

@@ -32,7 +32,6 @@ from .transport import (
 from .wire import (
     Manifest,
     Notice,
-    chunk_checksum,
     check_metadata,
     chunk_spans,
     encode_manifest,
@@ -186,13 +185,14 @@ class WeightPublisher:
         chunk_size = self._effective_chunk_size()
         spans = chunk_spans(total, chunk_size)
         blob = self._snapshot.memoryview()
-        checksums = tuple(chunk_checksum(blob[a:b]) for a, b in spans)
         version = allocate_version(self._client, self.keys, self._last_version)
+        sums: list[int | None] = [None] * len(spans)
         try:
-            write_chunks(self._client, self.keys, version, blob, spans)
+            write_chunks(self._client, self.keys, version, blob, spans, checksums=sums)  # hashed as they go out
         except RedisBusError:
             self._discard_chunks(version, len(spans))
             raise
+        checksums = tuple(int(c) for c in sums)  # type: ignore[arg-type]  # every slot is filled
         try:
             latest, created = self._commit(version, total, chunk_size, checksums, entries, metadata, blob)
         except BusConnectionError:

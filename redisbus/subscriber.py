@@ -389,8 +389,7 @@ class WeightSubscriber:
         self._staging.reserve(manifest.total_bytes, pinned=self._on_cuda)
         blob = self._staging.memoryview()
         self._stats["pulls"] += 1
-        read_chunks_into(client, self.keys, manifest, blob)
-        verify_chunks(manifest, blob)
+        read_chunks_into(client, self.keys, manifest, blob, verify=verify_chunks)  # each chunk checked as it lands
         if self.config.signing_key:
             verify_chunk_digests(manifest, blob)
         self._stats["bytes_pulled"] += manifest.total_bytes

@@ -27,7 +27,7 @@ from .errors import (
     VersionNotFoundError,
 )
 from .keys import KeySpace
-from .wire import Manifest, decode_manifest
+from .wire import Manifest, chunk_checksum, decode_manifest
 
 __all__ = [
     "RedisSource",
@@ -312,44 +312,108 @@ def read_manifest(client: Any, keys: KeySpace, version: int, config: BusConfig) 
     return manifest, data
 
 
-def write_chunks(client: Any, keys: KeySpace, version: int, blob: memoryview, spans: Sequence[tuple[int, int]]) -> None:
-    """Store every chunk of ``blob`` under its chunk key."""
+def write_chunks(
+    client: Any,
+    keys: KeySpace,
+    version: int,
+    blob: memoryview,
+    spans: Sequence[tuple[int, int]],
+    checksums: list[int | None] | None = None,
+) -> None:
+    """Store every chunk of ``blob`` under its chunk key.
+
+    With ``checksums`` (one slot per span), each chunk's checksum is computed
+    just before the chunk is sent, so hashing overlaps the upload instead of
+    preceding it; every slot is filled on return.
+    """
     items = [(keys.chunk(version, i), blob[start:stop]) for i, (start, stop) in enumerate(spans)]
+    before_send = None
+    if checksums is not None:
+        index = {key: i for i, (key, _) in enumerate(items)}
+
+        def before_send(key: str, view: memoryview) -> None:
+            checksums[index[key]] = chunk_checksum(view)
+
     with translate_errors(f"writing the chunks of version {version}", client):
-        write_values(client, items)
+        write_values(client, items, before_send=before_send)
+    if checksums is not None:
+        for i, (key, view) in enumerate(items):
+            if checksums[i] is None:  # a path that sent without the hook: never leave a slot empty
+                checksums[i] = chunk_checksum(view)
 
 
-def read_chunks_into(client: Any, keys: KeySpace, manifest: Manifest, blob: memoryview) -> None:
-    """Fetch every chunk of ``manifest``'s version straight into ``blob``."""
+def read_chunks_into(
+    client: Any,
+    keys: KeySpace,
+    manifest: Manifest,
+    blob: memoryview,
+    *,
+    verify: Callable[[Manifest, memoryview, Sequence[int]], None] | None = None,
+) -> None:
+    """Fetch every chunk of ``manifest``'s version straight into ``blob``.
+
+    With ``verify`` (:func:`redisbus.wire.verify_chunks` or a function like
+    it), each chunk is checked as soon as it has landed, while the next ones
+    arrive, and any chunk the hook did not see is checked afterwards: on
+    return every chunk of ``blob`` is verified.
+
+    Raises:
+        CorruptBlobError: a chunk fails ``verify``.
+    """
     spans = manifest.spans()
     names = [keys.chunk(manifest.version, i) for i in range(len(spans))]
     views = [blob[start:stop] for start, stop in spans]
+    after_recv = None
+    verified: set[int] = set()
+    if verify is not None:
+        index = {name: i for i, name in enumerate(names)}
+
+        def after_recv(key: str, view: memoryview) -> None:
+            i = index[key]
+            verify(manifest, blob, (i,))
+            verified.add(i)
+
     with translate_errors(f"reading the chunks of version {manifest.version}", client):
-        read_values_into(client, names, views)
+        read_values_into(client, names, views, after_recv=after_recv)
+    if verify is not None and len(verified) != len(spans):
+        verify(manifest, blob, [i for i in range(len(spans)) if i not in verified])
 
 
-def write_values(client: Any, items: Sequence[tuple[str, memoryview]]) -> None:
+def write_values(
+    client: Any, items: Sequence[tuple[str, memoryview]], *, before_send: Callable[[str, memoryview], None] | None = None
+) -> None:
     """``SET`` each key to its view's bytes: the fast bulk path, and on a cluster every master's share at once.
 
+    ``before_send(key, view)`` runs just before each value is sent (see :func:`redisbus._resp.write_chunks`).
     Raises what :func:`redisbus._resp.write_chunks` raises.
     """
     if is_cluster(client):
-        _per_master(client, [key for key, _ in items], lambda node, idx: _resp.write_chunks(node, [items[i] for i in idx]),
-                    lambda: _resp.write_chunks(client, items))  # fmt: skip
+        _per_master(client, [key for key, _ in items],
+                    lambda node, idx: _resp.write_chunks(node, [items[i] for i in idx], before_send=before_send),
+                    lambda: _resp.write_chunks(client, items, before_send=before_send))  # fmt: skip
     else:
-        _resp.write_chunks(client, items)
+        _resp.write_chunks(client, items, before_send=before_send)
 
 
-def read_values_into(client: Any, names: Sequence[str], views: Sequence[memoryview]) -> None:
+def read_values_into(
+    client: Any,
+    names: Sequence[str],
+    views: Sequence[memoryview],
+    *,
+    after_recv: Callable[[str, memoryview], None] | None = None,
+) -> None:
     """``GET`` each key straight into its view: the fast bulk path, and on a cluster every master's share at once.
 
+    ``after_recv(key, view)`` runs as each value lands (see :func:`redisbus._resp.read_chunks_into`).
     Raises what :func:`redisbus._resp.read_chunks_into` raises.
     """
     if is_cluster(client):
-        _per_master(client, names, lambda node, idx: _resp.read_chunks_into(node, [names[i] for i in idx], [views[i] for i in idx]),
-                    lambda: _resp.read_chunks_into(client, names, views))  # fmt: skip
+        _per_master(client, names,
+                    lambda node, idx: _resp.read_chunks_into(node, [names[i] for i in idx], [views[i] for i in idx],
+                                                             after_recv=after_recv),
+                    lambda: _resp.read_chunks_into(client, names, views, after_recv=after_recv))  # fmt: skip
     else:
-        _resp.read_chunks_into(client, names, views)
+        _resp.read_chunks_into(client, names, views, after_recv=after_recv)
 
 
 def _per_master(

@@ -271,10 +271,10 @@ def test_reader_mid_pull_keeps_its_blob_through_the_grace_period(bus, monkeypatc
     ) as sub:
         pub.publish(make_policy(1))
 
-        def gc_strikes_mid_pull(client, keys, manifest, blob):
+        def gc_strikes_mid_pull(client, keys, manifest, blob, **kwargs):
             if manifest.version == 1:
                 pub.publish(make_policy(2))  # keep_versions=1: version 1 is evicted right now
-            return real_read(client, keys, manifest, blob)
+            return real_read(client, keys, manifest, blob, **kwargs)
 
         monkeypatch.setattr(subscriber_module, "read_chunks_into", gc_strikes_mid_pull)
         assert sub.sync() == 1  # the evicted blob was still readable
@@ -293,10 +293,10 @@ def test_reader_that_loses_the_race_with_gc_retries_with_latest(bus, monkeypatch
     ) as sub:
         pub.publish(make_policy(1))
 
-        def gc_strikes_mid_pull(client, keys, manifest, blob):
+        def gc_strikes_mid_pull(client, keys, manifest, blob, **kwargs):
             if manifest.version == 1:
                 pub.publish(make_policy(2))  # grace 0: version 1's chunks are deleted now
-            return real_read(client, keys, manifest, blob)
+            return real_read(client, keys, manifest, blob, **kwargs)
 
         monkeypatch.setattr(subscriber_module, "read_chunks_into", gc_strikes_mid_pull)
         assert sub.sync() == 2
