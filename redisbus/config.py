@@ -87,7 +87,7 @@ class BusConfig:
     signing_key: bytes | None = field(default=None, repr=False)
     require_signature: bool = False
     cluster: bool = False
-    replicas: tuple[str, ...] = ()
+    replicas: tuple[str, ...] = field(default=(), repr=False)  # replica URLs may carry passwords
     wait_replicas: int | None = None
     wait_timeout: float = defaults.WAIT_TIMEOUT_SECONDS
 

@@ -473,7 +473,8 @@ def test_secrets_stay_out_of_reprs_errors_and_logs(redis_server_factory, free_po
     server = redis_server_factory(password="the-right-one")
     wrong = f"redis://user:{PASSWORD}@127.0.0.1:{server.port}/0"
     config = BusConfig.from_url(wrong, signing_key=SIGNING_KEY)
-    texts = [repr(config), str(config), config.redacted_url()]
+    with_replica = BusConfig.from_url(f"{wrong}?replicas=redis://:{PASSWORD}@127.0.0.1:{free_port}/0")
+    texts = [repr(config), str(config), config.redacted_url(), repr(with_replica), with_replica.redacted_url()]
     errors: list[BaseException] = []
     with WeightPublisher(config, namespace=NS) as pub, WeightSubscriber(
         config, namespace=NS, target=zeros_like_policy(), **FAST
