@@ -455,7 +455,7 @@ class WeightSubscriber:
                     message = pubsub.get_sharded_message(timeout=_TICK_SECONDS)
                 else:
                     message = pubsub.get_message(timeout=_TICK_SECONDS)
-                self._check_notice_connection(pubsub)
+                self._check_notice_connection(pubsub, message)
                 if message is not None:
                     if message["type"] in ("subscribe", "ssubscribe"):
                         self._stats["subscribes"] += 1
@@ -490,13 +490,15 @@ class WeightSubscriber:
                 self._stop.wait(self._backoff.compute(failures))
         self._drop(pubsub)
 
-    def _check_notice_connection(self, pubsub: Any) -> None:
+    def _check_notice_connection(self, pubsub: Any, message: Any) -> None:
         """Raise if the notice connection left its health-check PING unanswered for ``socket_timeout``.
 
         A half-open connection (the server stopped answering, a proxy stopped
-        forwarding) is otherwise indistinguishable from a quiet channel.
+        forwarding) is otherwise indistinguishable from a quiet channel. Any
+        message read proves the connection alive (a PONG may queue behind
+        notices while a long pull keeps this thread away), and restarts the clock.
         """
-        if getattr(pubsub, "health_check_response_counter", 0) <= 0:
+        if message is not None or getattr(pubsub, "health_check_response_counter", 0) <= 0:
             self._ping_unanswered_since = None
             return
         now = time.monotonic()

@@ -388,3 +388,25 @@ def test_soak_script_smoke():
     assert summary["final_version"] >= 10 and summary["versions_committed"] == 8  # 2 of 10 steps poisoned
     for worker in summary["workers"].values():
         assert worker["applies"] >= 1
+
+
+def test_pulls_longer_than_the_socket_timeout_are_not_mistaken_for_a_dead_connection(redis_server, monkeypatch):
+    original = resp_module.read_chunks_into
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.5)  # longer than socket_timeout: the notice connection's PONG waits meanwhile
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(resp_module, "read_chunks_into", slow_read)
+    target = zeros_like_policy()
+    settings = {**FAST, "socket_timeout": 0.3, "health_check_interval": 0.05}
+    with WeightPublisher(redis_server.url, namespace=NS) as pub, WeightSubscriber(
+        redis_server.url, namespace=NS, target=target, apply="immediate", **settings
+    ) as sub:
+        sub.start()
+        for seed in range(1, 7):
+            version = pub.publish(make_policy(seed))
+            time.sleep(0.1)  # notices queue up behind the health check while the worker pulls
+        assert sub.wait_for_version(version, timeout=20) == version
+        assert sub.stats()["reconnects"] == 0, sub.stats()["last_error"]
+        assert bit_identical(target, make_policy(6))
