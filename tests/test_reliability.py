@@ -172,7 +172,7 @@ def test_half_open_connection_is_noticed_within_health_check_plus_socket_timeout
             started = time.monotonic()
             assert wait_until(lambda: sub.stats()["reconnects"] >= 1, timeout=10), "the worker never noticed"
             noticed = time.monotonic() - started
-            assert noticed <= health + timeout + 0.5, noticed
+            assert noticed <= health + timeout + 1.0, noticed  # + slack for a loaded 2-core machine
             assert isinstance(sub.stats()["last_error"], str)
             # a publisher facing the same silence fails after one socket timeout, it does not hang
             started = time.monotonic()
