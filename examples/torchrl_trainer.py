@@ -31,6 +31,6 @@ try:
         optim.step()
         version = scheme.send()  # one new version; collectors apply it before their next batch
         print(f"step {step}: published version {version}", flush=True)
-        time.sleep(0.5)  # stand-in for the rest of a training step
+        time.sleep(0.2)  # stand-in for the rest of a training step
 finally:
     scheme.shutdown()

@@ -193,7 +193,25 @@ def _same_storage(a: nn.Module | TensorDictBase, b: nn.Module | TensorDictBase) 
     return len(va) == len(vb) and all(x.data_ptr() == y.data_ptr() and x.device == y.device for x, y in zip(va, vb))
 
 
-def _catch_up(sub: WeightSubscriber, *, timeout: float, strict: bool) -> int | None:
+class _Freshness:
+    """Whether a safe point may read ``latest`` now: not for a while after Redis was unreachable.
+
+    While Redis is down (or a black hole), each read could stall for the socket
+    timeout; the collector goes on with what it has, and the listener thread,
+    which reconnects on its own, stages new versions for ``sync()`` meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.offline_until = 0.0
+
+    def ok(self) -> bool:
+        return time.monotonic() >= self.offline_until
+
+    def went_offline(self, backoff: float) -> None:
+        self.offline_until = time.monotonic() + backoff
+
+
+def _catch_up(sub: WeightSubscriber, *, timeout: float, strict: bool, freshness: _Freshness | None = None) -> int | None:
     """Apply what was committed before this call (``wanted_version``), else whatever is staged.
 
     A refused version (``SchemaMismatchError``, ``CorruptBlobError``, ...)
@@ -204,11 +222,15 @@ def _catch_up(sub: WeightSubscriber, *, timeout: float, strict: bool) -> int | N
     Returns:
         The version applied now, or None.
     """
+    if freshness is not None and not freshness.ok():
+        return sub.sync()
     try:
         wanted = sub.wanted_version()
     except BusConnectionError as exc:
         if strict:
             raise
+        if freshness is not None:
+            freshness.went_offline(max(sub.config.poll_interval, 1.0))
         log.warning("worker %s: cannot read the newest version (%s); keeping version %s",
                     sub.worker_id, exc, sub.version)  # fmt: skip
         return sub.sync()
@@ -638,6 +660,7 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
         self.initial_sync = initial_sync
         self._subscriber: WeightSubscriber | None = None
         self._hook: _PreCollectHook | None = None
+        self._freshness = _Freshness()
         self.policy_weights: Any = None
         if policy_weights is not None:
             self._start(_first_weights(policy_weights))
@@ -685,7 +708,7 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
         if sub is None:
             raise RuntimeError("RedisLocalWeightUpdater has no target yet: pass policy_weights or register a collector")
         if self.fresh:
-            return _catch_up(sub, timeout=self.timeout, strict=False)
+            return _catch_up(sub, timeout=self.timeout, strict=False, freshness=self._freshness)
         return sub.sync()
 
     def _sync_weights_with_worker(self, *, worker_id: Any = None, server_weights: Any) -> int | None:
@@ -806,7 +829,11 @@ if HAS_TORCHRL:
             connect_timeout: seconds a receiver whose policy has no weights yet
                 (``MultiSyncCollector`` sends meta copies) waits at connect for a first version.
             publish_on_connect: the sender publishes its current weights at ``connect()`` (default).
-            worker_id: the name reported to the bus (default ``host:pid:<model_id>:<worker_idx>``).
+            read_only: never publish. For a ``MultiSyncCollector`` on a host that
+                follows a trainer elsewhere: its worker processes follow the bus
+                directly, and ``update_policy_weights_()`` / :meth:`send` raise.
+            worker_id: the name reported to the bus (default ``host:pid:<model_id>:<worker_idx>``;
+                inside a multi-process collector, ``<worker_id>:<worker_idx>``).
             metadata: a dict stored with every version this sender publishes.
             strategy: TorchRL's weight strategy (``"tensordict"`` or ``"state_dict"``).
             **settings: any other :class:`~redisbus.BusConfig` field.
@@ -824,6 +851,7 @@ if HAS_TORCHRL:
             "_target",
             "_hook",
             "_weights",
+            "_sender_model",
             "_shared_transport",
             "_receiver_transport",
             "_sender_transports",
@@ -839,6 +867,7 @@ if HAS_TORCHRL:
             timeout: float = 10.0,
             connect_timeout: float = 60.0,
             publish_on_connect: bool = True,
+            read_only: bool = False,
             worker_id: str | None = None,
             metadata: Mapping[str, Any] | None = None,
             strategy: str = "tensordict",
@@ -853,12 +882,15 @@ if HAS_TORCHRL:
             self.timeout = timeout
             self.connect_timeout = connect_timeout
             self.publish_on_connect = publish_on_connect
+            self.read_only = read_only
             self.worker_id = worker_id
             self.metadata = dict(metadata) if metadata else None
             self._publisher: WeightPublisher | None = None
             self._subscriber: WeightSubscriber | None = None
             self._target: Any = None
+            self._sender_model: Any = None
             self._hook: _PreCollectHook | None = None
+            self._freshness = _Freshness()
             self.last_version: int | None = None
 
         def __repr__(self) -> str:
@@ -874,6 +906,7 @@ if HAS_TORCHRL:
             state = super().__getstate__()
             for name in self._RUNTIME:
                 state[name] = None
+            state["_freshness"] = _Freshness()
             return state
 
         # -- TorchRL hooks -------------------------------------------------------------------
@@ -889,6 +922,7 @@ if HAS_TORCHRL:
             self.context = context
             if model is not None:
                 self.model = model
+                self._sender_model = model  # TorchRL keeps a weak reference: `init_on_sender(model=make_policy())` must work
             if weights is not None:
                 self._weights = weights
 
@@ -905,8 +939,10 @@ if HAS_TORCHRL:
             self.context = context  # installs the safe-point hook on a leaf Collector
 
         def _setup_connection_and_weights_on_sender_impl(self, *, worker_idx: int | None = None, weights: Any = None) -> None:
-            self._publisher = WeightPublisher(self.bus_config)
             self._shared_transport = self.create_transport()
+            if self.read_only:
+                return  # the worker processes (receivers) follow the bus on their own
+            self._publisher = WeightPublisher(self.bus_config)
             if self.publish_on_connect:
                 w = self._resolve_sender_weights(weights)
                 if w is not None:
@@ -919,8 +955,11 @@ if HAS_TORCHRL:
             if model is None:
                 raise RuntimeError(f"RedisWeightSyncScheme: no model {self.model_id!r} to receive into")
             had_no_weights = isinstance(model, nn.Module) and _materialize_meta(model)
-            index = self._worker_idx if self._worker_idx is not None else 0
-            wid = self.worker_id or _default_worker_id(f"{self.model_id}:{index}")
+            if self.worker_id is None:
+                index = self._worker_idx if self._worker_idx is not None else 0
+                wid = _default_worker_id(f"{self.model_id}:{index}")
+            else:  # one scheme pickled into several worker processes: one id each
+                wid = self.worker_id if self._worker_idx is None else f"{self.worker_id}:{self._worker_idx}"
             sub = WeightSubscriber(self.bus_config, target=model, worker_id=wid, apply=self.apply_mode)
             sub.start()
             try:
@@ -931,7 +970,8 @@ if HAS_TORCHRL:
             self._target = model
             self._subscriber = sub
             self._shared_transport = self.create_transport()
-            self._after_apply(sub.version)
+            # no cascade yet: an intermediate collector's own senders connect later, from its (updated) policy
+            self._after_apply(sub.version, cascade=False)
 
         def _initial_sync(self, sub: WeightSubscriber, *, wait_for_first: bool) -> None:
             """Apply the newest published version; a policy without weights waits for a first one."""
@@ -1040,6 +1080,10 @@ if HAS_TORCHRL:
                 raise RuntimeError("Must be initialized on sender before sending weights")
             if not self.synchronized_on_sender:
                 raise RuntimeError("Must be synchronized on sender before sending weights (call connect())")
+            if self.read_only:
+                raise RuntimeError(
+                    "this RedisWeightSyncScheme is read_only: its workers follow the bus; publish from the trainer"
+                )
             w = self._resolve_sender_weights(weights)
             if w is None:
                 raise ValueError("no weights to send: pass weights, or init_on_sender(model=...)")
@@ -1047,14 +1091,14 @@ if HAS_TORCHRL:
 
         # -- receiver ------------------------------------------------------------------------
 
-        def _after_apply(self, version: int | None) -> None:
+        def _after_apply(self, version: int | None, *, cascade: bool = True) -> None:
             if version is None:
                 return
             self.last_version = version
             ctx = self.context
             _set_collector_version(ctx, version)
             # an intermediate node (a collector that also sends to its own workers): pass the weights on
-            if ctx is not None and getattr(ctx, "_weight_sync_schemes", None):
+            if cascade and ctx is not None and getattr(ctx, "_weight_sync_schemes", None):
                 ctx.update_policy_weights_(model_id=self.model_id or "policy", policy_or_weights=self._target)
 
         def _apply_newest(self, timeout: float | None = None) -> int | None:
@@ -1062,7 +1106,7 @@ if HAS_TORCHRL:
             if sub is None:
                 return None
             if self.fresh or timeout:
-                applied = _catch_up(sub, timeout=timeout or self.timeout, strict=False)
+                applied = _catch_up(sub, timeout=timeout or self.timeout, strict=False, freshness=self._freshness)
             else:
                 applied = sub.sync()
             self._after_apply(applied)
@@ -1107,6 +1151,7 @@ if HAS_TORCHRL:
             if hook is not None:
                 hook.remove()
                 self._hook = None
+            self._sender_model = None
             for name in ("_subscriber", "_publisher"):
                 obj = getattr(self, name, None)
                 if obj is not None:

@@ -323,6 +323,38 @@ def test_scheme_trainer_without_collector_and_remote_collector(redis_url, namesp
         sender.shutdown()
 
 
+@needs_torchrl
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scheme_remote_collector_on_cuda(redis_url, namespace):
+    """A CPU trainer, a collector whose policy runs on the GPU: staged in pinned memory, applied on the device."""
+    from torchrl.collectors import Collector
+
+    from redisbus.torchrl import RedisWeightSyncScheme
+
+    trainer_policy = make_policy(0)
+    sender = RedisWeightSyncScheme(redis_url, namespace=namespace)
+    sender.init_on_sender(model=trainer_policy)
+    sender.connect()
+    receiver = RedisWeightSyncScheme(redis_url, namespace=namespace)
+    collector = Collector(make_env(), make_policy(1), policy_device="cuda", track_policy_version=True,
+                          weight_recv_schemes={"policy": receiver}, **collector_kwargs())  # fmt: skip
+    try:
+        gpu_policy = collector.get_model("policy")
+        assert gpu_policy.module.weight.is_cuda
+        assert torch.equal(gpu_policy.module.weight.cpu(), trainer_policy.module.weight)
+        it = iter(collector)
+        next(it)
+        zero_weight(trainer_policy)
+        v = sender.send()
+        b = next(it)
+        assert actions_are_bias(b.cpu()) and versions_in(b) == {v}
+    finally:
+        collector.shutdown()
+        receiver.shutdown()
+        sender.shutdown()
+
+
 class _PublishMidRollout(nn.Linear):
     """A Linear policy (the trainer's keys) whose step ``at_step`` makes the trainer publish."""
 
@@ -458,9 +490,10 @@ def test_scheme_pickles_without_connection(redis_url, namespace):
     from redisbus.torchrl import RedisWeightSyncScheme
 
     s = RedisWeightSyncScheme(redis_url, namespace=namespace, timeout=3.0)
-    s.init_on_sender(model=make_policy(0))
+    s.init_on_sender(model=make_policy(0))  # nobody else holds this policy: the scheme must
     s.connect()
     try:
+        assert s.last_version == 1
         data = pickle.dumps(s)
         clone = pickle.loads(data)
         assert clone._publisher is None and clone._subscriber is None and clone._hook is None
@@ -600,16 +633,27 @@ def test_scheme_collector_keeps_collecting_without_redis(redis_server, namespace
 
 @needs_torchrl
 @pytest.mark.slow
-@pytest.mark.parametrize("use_factory", [False, True], ids=["policy", "policy_factory"])
-def test_scheme_multisync_collector(redis_url, namespace, use_factory):
+@pytest.mark.parametrize("mode", ["policy", "policy_factory", "follower"])
+def test_scheme_multisync_collector(redis_url, namespace, mode):
+    """Local worker processes fed by the bus. ``follower``: a MultiSyncCollector on a host that follows
+    a trainer elsewhere (``read_only=True``): its workers subscribe directly and it never publishes."""
     from torchrl.collectors import MultiSyncCollector
 
     from redisbus.torchrl import RedisWeightSyncScheme
 
     burn_versions(redis_url, namespace)
     trainer_policy = make_policy(0)
-    kwargs = dict(policy_factory=make_policy) if use_factory else dict(policy=trainer_policy)
-    scheme = RedisWeightSyncScheme(redis_url, namespace=namespace)
+    trainer = None
+    if mode == "follower":
+        trainer = RedisWeightSyncScheme(redis_url, namespace=namespace)
+        trainer.init_on_sender(model=trainer_policy)
+        trainer.connect()  # v4
+    kwargs = {
+        "policy": dict(policy=trainer_policy),
+        "policy_factory": dict(policy_factory=make_policy),
+        "follower": dict(policy=make_policy(5)),
+    }[mode]
+    scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, read_only=mode == "follower")
     collector = MultiSyncCollector(
         [make_env, make_env], frames_per_batch=16, total_frames=-1, track_policy_version=True,
         weight_sync_schemes={"policy": scheme}, auto_register_policy_transforms=False, **kwargs,
@@ -618,24 +662,33 @@ def test_scheme_multisync_collector(redis_url, namespace, use_factory):
         it = iter(collector)
         b0 = next(it)
         assert not actions_are_bias(b0)
-        # with a policy, the parent published it at start-up (v4); workers got meta copies and took v4
-        assert versions_in(b0) == ({3} if use_factory else {4})
+        # policy: the parent published it at start-up (v4) and the workers, given meta copies, took it;
+        # policy_factory: the workers took the newest version (v3); follower: the trainer's v4
+        assert versions_in(b0) == ({3} if mode == "policy_factory" else {4})
         zero_weight(trainer_policy)
-        if use_factory:
+        if mode == "follower":
+            v = trainer.send()
+            with pytest.raises(RuntimeError, match="read_only"):
+                collector.update_policy_weights_()
+        elif mode == "policy_factory":
             collector.update_policy_weights_(trainer_policy)  # no policy in the parent: pass the weights
+            v = scheme.last_version
         else:
             collector.update_policy_weights_()
-        v = scheme.last_version
-        assert v == (4 if use_factory else 5)
+            v = scheme.last_version
+        assert v == (4 if mode == "policy_factory" else 5)
         b1 = next(it)
         assert actions_are_bias(b1)  # both worker processes
         assert versions_in(b1) == {v}
-        assert collector.policy_version == v
+        if mode != "follower":
+            assert collector.policy_version == v
         workers = {w.worker_id for w in _list_workers(redis_url, namespace)}
         assert len(workers) == 2 and all(w.endswith((":policy:0", ":policy:1")) for w in workers)
     finally:
         collector.shutdown()
         scheme.shutdown()
+        if trainer is not None:
+            trainer.shutdown()
 
 
 def _list_workers(url, namespace):
@@ -737,3 +790,30 @@ def test_docs_show_the_examples_verbatim():
     for script in scripts:
         assert script.read_text().strip() in doc, f"{script.name} is not in docs/torchrl.md as it is"
         assert script.name in doc
+
+
+def _rendered_signature(cls) -> str:
+    import inspect
+
+    parts, star = [], False
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind is p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        if p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}")
+        elif p.default is p.empty:
+            parts.append(p.name)
+        else:
+            default = f'"{p.default}"' if isinstance(p.default, str) else repr(p.default)
+            parts.append(f"{p.name}={default}")
+    return f"{cls.__name__}({', '.join(parts)})"
+
+
+@needs_torchrl
+def test_docs_reference_matches_the_signatures():
+    from redisbus.torchrl import RedisWeightSyncScheme
+
+    doc = " ".join((ROOT / "docs" / "torchrl.md").read_text().split())
+    for cls in (RedisWeightSyncScheme, RedisWeightUpdater, RedisLocalWeightUpdater):
+        assert _rendered_signature(cls) in doc.replace("( ", "("), _rendered_signature(cls)
