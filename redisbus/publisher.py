@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .buffers import HostBuffer
+from .buffers import HostBuffer, LazyFill
 from .errors import ConfigError, BusConnectionError, PublishError, RedisBusError
 from .registry import PublisherReport, identity, report_publisher
 from .retention import collect
@@ -116,11 +116,14 @@ class WeightPublisher:
     ) -> int | Future[int]:
         """Publish ``weights`` as a new version.
 
-        The tensors are first copied into a reused snapshot buffer; from then on
-        the caller may change them. With ``block=False`` the upload and commit
-        run in a background thread and a :class:`~concurrent.futures.Future`
-        of the version number is returned; a second call waits for the first
-        upload to finish before taking its snapshot.
+        The tensors are copied into a reused snapshot buffer. With ``block=False``
+        the copy is taken before the call returns (from then on the caller may
+        change the tensors), the upload and commit run in a background thread
+        and a :class:`~concurrent.futures.Future` of the version number is
+        returned; a second call waits for the first upload to finish before
+        taking its snapshot. A blocking publish of CPU tensors copies them
+        chunk by chunk just ahead of the upload, so the copy overlaps the
+        transfer: other threads must not change them until it returns.
 
         Args:
             weights: a TensorDict, an ``nn.Module`` or a mapping of tensors (any device).
@@ -141,26 +144,31 @@ class WeightPublisher:
         meta = check_metadata(metadata or {})
         if self._pending is not None:
             self._pending.exception()  # wait; its error was or will be reported through its own future
-        with self._lock:
-            entries, total = self._take_snapshot(weights)
         if block:
-            return self._upload(entries, total, meta)
+            with self._lock:
+                entries, total, fill = self._take_snapshot(weights, lazy=True)
+                return self._upload_held(entries, total, meta, fill)
+        with self._lock:
+            entries, total, _ = self._take_snapshot(weights)
         if self._uploader is None:
             self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redisbus-upload")
         self._pending = self._uploader.submit(self._upload, entries, total, meta)
         return self._pending
 
-    def _take_snapshot(self, weights: Weights) -> tuple[list[Any], int]:
+    def _take_snapshot(self, weights: Weights, *, lazy: bool = False) -> tuple[list[Any], int, LazyFill | None]:
+        """Lay out ``weights`` and copy them into the snapshot, or (``lazy``, CPU only) plan the copy for the upload."""
         leaves = flatten_weights(weights)
         entries, total = plan_layout((key, t.dtype, t.shape) for key, t in leaves)
         on_cuda = any(t.is_cuda for _, t in leaves)
         self._snapshot.reserve(total, pinned=on_cuda)
+        if lazy and all(t.device.type == "cpu" for _, t in leaves):
+            return entries, total, LazyFill(self._snapshot, entries, [t for _, t in leaves])
         with torch.no_grad():
             for entry, (_, tensor) in zip(entries, leaves):
                 self._snapshot.view(entry).copy_(tensor.detach(), non_blocking=tensor.is_cuda)
         if on_cuda:
             torch.cuda.synchronize()
-        return entries, total
+        return entries, total, None
 
     def _effective_chunk_size(self) -> int:
         if self._chunk_size is None:
@@ -174,24 +182,31 @@ class WeightPublisher:
 
     def _upload(self, entries: list[Any], total: int, metadata: dict[str, Any]) -> int:
         with self._lock:
-            try:
-                return self._upload_locked(entries, total, metadata)
-            except PublishError:
-                raise
-            except RedisBusError as exc:
-                raise PublishError(f"publish to namespace {self.keys.namespace!r} failed: {exc}") from exc
+            return self._upload_held(entries, total, metadata)
 
-    def _upload_locked(self, entries: list[Any], total: int, metadata: dict[str, Any]) -> int:
+    def _upload_held(self, entries: list[Any], total: int, metadata: dict[str, Any], fill: LazyFill | None = None) -> int:
+        try:
+            return self._upload_locked(entries, total, metadata, fill)
+        except PublishError:
+            raise
+        except RedisBusError as exc:
+            raise PublishError(f"publish to namespace {self.keys.namespace!r} failed: {exc}") from exc
+
+    def _upload_locked(self, entries: list[Any], total: int, metadata: dict[str, Any], fill: LazyFill | None) -> int:
         chunk_size = self._effective_chunk_size()
         spans = chunk_spans(total, chunk_size)
         blob = self._snapshot.memoryview()
         version = allocate_version(self._client, self.keys, self._last_version)
         sums: list[int | None] = [None] * len(spans)
         try:
-            write_chunks(self._client, self.keys, version, blob, spans, checksums=sums)  # hashed as they go out
+            # each chunk is copied in (lazy snapshot) and hashed just before it goes out
+            write_chunks(self._client, self.keys, version, blob, spans, checksums=sums,
+                         fill=None if fill is None else fill.fill_to)  # fmt: skip
         except RedisBusError:
             self._discard_chunks(version, len(spans))
             raise
+        if fill is not None:
+            fill.fill_to(total)  # zero-byte tensors at the end; signing reads the whole blob
         checksums = tuple(int(c) for c in sums)  # type: ignore[arg-type]  # every slot is filled
         try:
             latest, created = self._commit(version, total, chunk_size, checksums, entries, metadata, blob)

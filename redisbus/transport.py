@@ -319,12 +319,18 @@ def write_chunks(
     blob: memoryview,
     spans: Sequence[tuple[int, int]],
     checksums: list[int | None] | None = None,
+    fill: Callable[[int], None] | None = None,
 ) -> None:
     """Store every chunk of ``blob`` under its chunk key.
 
     With ``checksums`` (one slot per span), each chunk's checksum is computed
     just before the chunk is sent, so hashing overlaps the upload instead of
-    preceding it; every slot is filled on return.
+    preceding it; every slot is filled on return. With ``fill``, ``fill(stop)``
+    runs before a chunk ending at ``stop`` is hashed and sent, to write the
+    blob's bytes just ahead of the upload (it needs ``checksums``).
+
+    Raises:
+        PublishError: with ``fill``, a chunk went out without its hook (never expected).
     """
     items = [(keys.chunk(version, i), blob[start:stop]) for i, (start, stop) in enumerate(spans)]
     before_send = None
@@ -332,13 +338,18 @@ def write_chunks(
         index = {key: i for i, (key, _) in enumerate(items)}
 
         def before_send(key: str, view: memoryview) -> None:
-            checksums[index[key]] = chunk_checksum(view)
+            i = index[key]
+            if fill is not None:
+                fill(spans[i][1])
+            checksums[i] = chunk_checksum(view)
 
     with translate_errors(f"writing the chunks of version {version}", client):
         write_values(client, items, before_send=before_send)
     if checksums is not None:
         for i, (key, view) in enumerate(items):
             if checksums[i] is None:  # a path that sent without the hook: never leave a slot empty
+                if fill is not None:
+                    raise PublishError(f"chunk {key!r} was sent before its bytes were written")
                 checksums[i] = chunk_checksum(view)
 
 

@@ -130,3 +130,77 @@ def test_plain_path_verifies_too(fake_redis):
         assert "chunk 1 " in sub.stats()["last_error"]
     body = msgpack.unpackb(fake_redis.get(KeySpace(NS).manifest(bad)), raw=False)
     assert len(body["chunks"]) == 4
+
+
+# --------------------------------------------------------------------------- the lazy snapshot of a blocking publish
+
+
+def _mixed(seed: int) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(40, 30, generator=g)
+    return TensorDict(
+        {
+            "big": torch.randn(70_000, generator=g),  # spans several chunks
+            "t": base.t(),  # not contiguous: copied whole
+            "half": torch.randn(33, generator=g).to(torch.float16),
+            "c": torch.randn(5, generator=g, dtype=torch.complex64).conj(),  # a conjugate view
+            "empty": torch.zeros(0),
+            "flags": torch.rand(13, generator=g) > 0.5,
+            "scalar": torch.tensor(float(seed)),
+            "last_empty": torch.zeros(0, 3),
+        },
+        batch_size=[],
+    )
+
+
+@pytest.mark.parametrize("ends", [[10**9], [1, 2, 3, 70_001 * 4, 10**9], list(range(0, 300_000, 997)) + [10**9]],
+                         ids=["at-once", "ragged", "many"])  # fmt: skip
+def test_lazy_fill_writes_what_a_full_snapshot_writes(ends):
+    from redisbus.buffers import HostBuffer, LazyFill
+    from redisbus.tensors import flatten_weights
+    from redisbus.wire import plan_layout
+
+    leaves = flatten_weights(_mixed(3))
+    entries, total = plan_layout((k, t.dtype, t.shape) for k, t in leaves)
+    full, lazy = HostBuffer(), HostBuffer()
+    full.reserve(total)
+    lazy.reserve(total)
+    full.bytes().zero_()
+    lazy.bytes().zero_()
+    for entry, (_, t) in zip(entries, leaves):
+        full.view(entry).copy_(t)
+    fill = LazyFill(lazy, entries, [t for _, t in leaves])
+    for end in ends:
+        fill.fill_to(min(end, total))
+        assert torch.equal(lazy.bytes()[: min(end, total)], full.bytes()[: min(end, total)]) or end > total
+    assert fill.complete
+    assert torch.equal(lazy.bytes(), full.bytes())
+
+
+def test_blocking_publish_is_bit_exact_with_odd_tensors(client):
+    target = _mixed(0).apply(lambda t: torch.zeros_like(t.resolve_conj()))
+    with WeightPublisher(client, namespace=NS, chunk_size=CHUNK) as pub, WeightSubscriber(
+        client, namespace=NS, target=target
+    ) as sub:
+        for seed in (1, 2):
+            policy = _mixed(seed)
+            assert pub.publish(policy) == seed
+            assert sub.sync() == seed
+            for key, value in policy.items(include_nested=True, leaves_only=True):
+                assert torch.equal(target[key], value.resolve_conj()), key
+
+
+def test_blocking_and_async_publishes_store_the_same_bytes(client):
+    with WeightPublisher(client, namespace=NS, chunk_size=CHUNK) as pub:
+        v1 = pub.publish(_mixed(5))
+        v2 = pub.publish(_mixed(5), block=False).result()
+    m1, m2 = _manifest(client, v1), _manifest(client, v2)
+    for i in range(m1.chunk_count):
+        a = client.get(KeySpace(NS).chunk(v1, i))
+        b = client.get(KeySpace(NS).chunk(v2, i))
+        # padding between tensors is not part of any tensor: compare tensor bytes only
+        for entry in m1.tensors:
+            lo, hi = max(entry.offset, i * CHUNK), min(entry.offset + entry.nbytes, (i + 1) * CHUNK)
+            if lo < hi:
+                assert a[lo - i * CHUNK : hi - i * CHUNK] == b[lo - i * CHUNK : hi - i * CHUNK]
+    assert [t.key for t in m1.tensors] == [t.key for t in m2.tensors]
