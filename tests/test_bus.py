@@ -228,6 +228,7 @@ def test_duplicate_reordered_and_garbage_notices_change_nothing(bus):
         source(), namespace=NS, target=target, apply="immediate", poll_interval=30
     ) as sub:
         sub.start()
+        assert wait_until(lambda: sub.stats()["subscribes"] >= 1)
         for seed in range(3):
             pub.publish(make_policy(seed))
         assert wait_until(lambda: sub.version == 3 and sub.stats()["notices"] >= 3)
