@@ -264,6 +264,33 @@ def test_legacy_late_collector_starts_from_published_weights(redis_url, namespac
 
 
 @needs_torchrl
+def test_legacy_trainer_side_collector_publishes_its_policy(redis_url, namespace):
+    """``Collector(weight_updater=RedisWeightUpdater(...))`` on the trainer: ``update_policy_weights_()`` publishes."""
+    from torchrl.collectors import Collector
+
+    burn_versions(redis_url, namespace)
+    policy = make_policy(0)
+    up = RedisWeightUpdater(url=redis_url, namespace=namespace)
+    with pytest.warns(DeprecationWarning, match="WeightUpdaterBase is deprecated"):
+        collector = Collector(make_env(), policy, weight_updater=up, track_policy_version=True, **collector_kwargs())
+    follower = nn.Sequential()
+    follower.module = nn.Linear(7, 7)  # same keys as the TensorDictModule: module.weight, module.bias
+    local = RedisLocalWeightUpdater(follower, url=redis_url, namespace=namespace)
+    try:
+        it = iter(collector)
+        next(it)
+        zero_weight(policy)
+        collector.update_policy_weights_()  # publishes the collector's policy (TorchRL then adds its +1)
+        assert up.last_version == 4
+        assert versions_in(next(it)) == {4}
+        assert local() == 4 and torch.equal(follower.module.weight, policy.module.weight)
+    finally:
+        collector.shutdown()
+        up.close()
+        local.close()
+
+
+@needs_torchrl
 def test_legacy_schema_mismatch_at_start(redis_url, namespace):
     from torchrl.collectors import Collector
 
