@@ -18,10 +18,11 @@ import msgpack
 from .errors import SignatureError
 from .wire import Manifest
 
-__all__ = ["sign_manifest", "verify_signature", "verify_chunk_digests"]
+__all__ = ["chunk_digest", "sign_manifest", "verify_chunk_digests", "verify_signature"]
 
 
-def _digest(data: memoryview) -> bytes:
+def chunk_digest(data: memoryview | bytes) -> bytes:
+    """The signed digest of one chunk (BLAKE2b-256), as the manifest's ``chunk_digests`` carries it."""
     return hashlib.blake2b(data, digest_size=32).digest()
 
 
@@ -32,7 +33,7 @@ def _mac(manifest: Manifest, key: bytes) -> bytes:
 
 def sign_manifest(manifest: Manifest, blob: memoryview, key: bytes) -> Manifest:
     """The manifest with chunk digests and its signature added."""
-    digests = tuple(_digest(blob[a:b]) for a, b in manifest.spans())
+    digests = tuple(chunk_digest(blob[a:b]) for a, b in manifest.spans())
     unsigned = replace(manifest, chunk_digests=digests, signature=None)
     return replace(unsigned, signature=_mac(unsigned, key))
 
@@ -59,5 +60,5 @@ def verify_chunk_digests(manifest: Manifest, blob: memoryview) -> None:
     if manifest.chunk_digests is None or len(manifest.chunk_digests) != len(spans):
         raise SignatureError(f"version {manifest.version} does not carry one signed digest per chunk")
     for i, ((a, b), want) in enumerate(zip(spans, manifest.chunk_digests)):
-        if not hmac.compare_digest(_digest(blob[a:b]), want):
+        if not hmac.compare_digest(chunk_digest(blob[a:b]), want):
             raise SignatureError(f"version {manifest.version}: chunk {i} differs from its signed digest")

@@ -1,4 +1,4 @@
-"""The operator API (redisbus.ops) against real redis-server processes, real publishers and real workers."""
+"""The operator API (redisbus.ops and the modules behind it) against real redis-server processes, real publishers and real workers."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from redisbus import (
 )
 from redisbus.errors import ConfigError
 from redisbus.keys import KeySpace
-from redisbus.ops import BusAdmin, FileFormatError, read_weights_file, tensor_stats
+from redisbus.ops import BusAdmin
 from redisbus.registry import WorkerReport, report_worker
+from redisbus.tensorstats import tensor_stats
+from redisbus.weightfiles import FileFormatError, read_weights_file
 
 NS = "ops"
 CHUNK = 1024  # the smallest chunk size: every version spans several chunks
@@ -144,9 +146,9 @@ def test_inspect_lists_tensors_and_computes_stats_from_the_pulled_blob(url, admi
 
 
 def test_tensor_stats_slices_large_tensors(monkeypatch):
-    from redisbus import ops
+    from redisbus import tensorstats
 
-    monkeypatch.setattr(ops, "STATS_SLICE", 7)
+    monkeypatch.setattr(tensorstats, "STATS_SLICE", 7)
     t = torch.arange(100, dtype=torch.float32)
     s = tensor_stats(t)
     assert (s.min, s.max, s.mean, s.numel) == (0.0, 99.0, 49.5, 100)
