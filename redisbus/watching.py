@@ -21,15 +21,15 @@ from .records import WorkerStatus, json_ready
 from .transport import read_manifest, translate_errors
 
 if TYPE_CHECKING:
-    from .ops import BusAdmin
+    from .busview import BusView
 
 __all__ = ["follow"]
 
 
 def follow(
-    admin: BusAdmin, *, poll_interval: float, dead_after: float, timeout: float | None, clock: Callable[[], float]
+    admin: BusView, *, poll_interval: float, dead_after: float, timeout: float | None, clock: Callable[[], float]
 ) -> Iterator[dict[str, Any]]:
-    """Subscribe to ``admin``'s namespace now, and return the events from here on (see :meth:`BusAdmin.watch`).
+    """Subscribe to ``admin``'s namespace now, and return the events from here on (see :meth:`~redisbus.busview.BusView.watch`).
 
     The starting point (latest, pin, worker reports) and the subscription are
     taken by this call, not at the first ``next()``, so nothing that happens
@@ -48,7 +48,7 @@ def follow(
 
 
 def _events(
-    admin: BusAdmin,
+    admin: BusView,
     pubsub: Any,
     seen_version: int,
     pin: int | None,
@@ -97,7 +97,7 @@ def _events(
             pubsub.close()
 
 
-def _version_event(admin: BusAdmin, version: int) -> dict[str, Any]:
+def _version_event(admin: BusView, version: int) -> dict[str, Any]:
     """The ``version`` event of a committed version (with ``error`` instead of its details when unreadable)."""
     event: dict[str, Any] = {"event": "version", "time": time.time(), "version": version}
     try:
