@@ -33,8 +33,10 @@ from .signing import verify_chunk_digests, verify_signature
 from .tensors import Target, match_target, target_leaves
 from .transport import (
     RedisSource,
+    decode_fetched_manifest,
     read_chunks_into,
     read_head,
+    read_head_and_manifest,
     read_manifest,
     refresh_topology,
     resolve,
@@ -124,6 +126,7 @@ class WeightSubscriber:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._deferred = False  # a catch-up found a staged version in the way: catch up again after sync()
         self._report_due = threading.Event()
         self._thread: threading.Thread | None = None
         self._ping_unanswered_since: float | None = None
@@ -308,8 +311,10 @@ class WeightSubscriber:
             self._applied_at = time.time()
             self._stats["applied"] += 1
             self._cond.notify_all()
+            wake, self._deferred = self._deferred, False
         self._report_due.set()
-        self._wake.set()
+        if wake:  # applying made room for the newer version a catch-up had to leave
+            self._wake.set()
         log.info("worker %s applied version %d", self.worker_id, manifest.version)
         if self._on_apply is not None:
             self._on_apply(manifest.version)
@@ -320,10 +325,18 @@ class WeightSubscriber:
     def _held(self) -> int:
         return max(self._applied or 0, self.staged_version or 0)
 
-    def _catch_up(self) -> None:
-        """Pull the newest wanted version into staging if it is newer than what we hold."""
+    def _catch_up(self, hint: int | None = None) -> None:
+        """Pull the newest wanted version into staging if it is newer than what we hold.
+
+        ``hint`` is the version a notice announced: its manifest is fetched in the
+        same round trip as ``latest``, and used if that is the version wanted.
+        """
         with self._pull_lock:
-            latest, pin = read_head(self._client, self.keys)
+            fetched = None
+            if hint is not None and not self.config.replicas:
+                latest, pin, fetched = read_head_and_manifest(self._client, self.keys, hint, self.config)
+            else:
+                latest, pin = read_head(self._client, self.keys)
             for _ in range(defaults.GC_RACE_RETRIES):
                 if latest is None:
                     return
@@ -332,9 +345,11 @@ class WeightSubscriber:
                     if wanted <= self._held() or wanted in self._failed:
                         return
                     if self._staged is not None:
+                        self._deferred = True
                         return  # an unapplied verified version waits for sync(); don't overwrite it
+                prefetched, fetched = (fetched if wanted == hint else None), None
                 try:
-                    manifest = self._pull(wanted)
+                    manifest = self._pull(wanted, prefetched)
                 except VersionNotFoundError as exc:
                     latest, pin = read_head(self._client, self.keys)
                     if latest == wanted and pin is None:
@@ -363,8 +378,11 @@ class WeightSubscriber:
             self._replica = configs[zlib.crc32(self.worker_id.encode()) % len(configs)].client(retries=0)
         return self._replica
 
-    def _pull(self, version: int) -> Manifest:
-        """Pull ``version`` from this worker's read replica if it has one, else (or if it lags) from the primary."""
+    def _pull(self, version: int, fetched: tuple[int, bytes] | None = None) -> Manifest:
+        """Pull ``version`` from this worker's read replica if it has one, else (or if it lags) from the primary.
+
+        ``fetched``: the version's manifest as read from the primary with ``latest``.
+        """
         replica = self._replica_client()
         if replica is not None:
             try:
@@ -375,10 +393,13 @@ class WeightSubscriber:
                     self._replica_down_until = time.monotonic() + defaults.REPLICA_RETRY_SECONDS
                 log.info("worker %s: replica could not serve version %d (%s); pulling from the primary",
                          self.worker_id, version, exc)  # fmt: skip
-        return self._pull_from(self._client, version)
+        return self._pull_from(self._client, version, fetched)
 
-    def _pull_from(self, client: Any, version: int) -> Manifest:
-        manifest, _ = read_manifest(client, self.keys, version, self.config)
+    def _pull_from(self, client: Any, version: int, fetched: tuple[int, bytes] | None = None) -> Manifest:
+        if fetched is not None:
+            manifest = decode_fetched_manifest(self.keys, version, *fetched, self.config)
+        else:
+            manifest, _ = read_manifest(client, self.keys, version, self.config)
         if self.config.signing_key:
             verify_signature(manifest, self.config.signing_key)
         elif manifest.signature is not None:
@@ -437,7 +458,7 @@ class WeightSubscriber:
         if notice.version <= self._held():
             self._stats["stale_notices"] += 1
             return
-        self._catch_up()
+        self._catch_up(hint=notice.version)
 
     def _run(self) -> None:
         failures = 0

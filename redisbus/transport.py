@@ -37,6 +37,8 @@ __all__ = [
     "commit_version",
     "read_head",
     "read_manifest",
+    "read_head_and_manifest",
+    "decode_fetched_manifest",
     "write_chunks",
     "read_chunks_into",
     "server_max_bulk_len",
@@ -302,6 +304,33 @@ def read_manifest(client: Any, keys: KeySpace, version: int, config: BusConfig) 
         pipe.strlen(key)
         pipe.getrange(key, 0, config.max_manifest_bytes - 1)
         size, data = pipe.execute()
+    return decode_fetched_manifest(keys, version, size, data, config), data
+
+
+def read_head_and_manifest(
+    client: Any, keys: KeySpace, version: int, config: BusConfig
+) -> tuple[int | None, int | None, tuple[int, bytes] | None]:
+    """:func:`read_head` and the raw manifest of ``version`` (a notice's version) in one round trip.
+
+    Returns ``(latest, pin, fetched)``; ``fetched`` is ``(size, first bytes)`` for
+    :func:`decode_fetched_manifest`, or None on a cluster client (its head and
+    manifest are read apart).
+    """
+    if is_cluster(client):
+        return (*read_head(client, keys), None)
+    key = keys.manifest(version)
+    with translate_errors("reading the latest version", client):
+        pipe = client.pipeline(transaction=False)
+        pipe.mget([keys.latest, keys.pin])
+        pipe.strlen(key)
+        pipe.getrange(key, 0, config.max_manifest_bytes - 1)
+        (latest, pin), size, data = pipe.execute()
+    return _as_int(latest), _as_int(pin), (size, data)
+
+
+def decode_fetched_manifest(keys: KeySpace, version: int, size: int, data: bytes, config: BusConfig) -> Manifest:
+    """Validate a manifest fetched as ``STRLEN`` + ``GETRANGE`` (see :func:`read_manifest`, which raises the same)."""
+    key = keys.manifest(version)
     if not size:
         raise VersionNotFoundError(f"version {version} not found in namespace {keys.namespace!r} (no key {key})")
     if size > config.max_manifest_bytes:
@@ -309,7 +338,7 @@ def read_manifest(client: Any, keys: KeySpace, version: int, config: BusConfig) 
     manifest = decode_manifest(data, max_manifest_bytes=config.max_manifest_bytes, max_blob_bytes=config.max_blob_bytes)
     if manifest.version != version:
         raise ManifestError(f"manifest {key} describes version {manifest.version}, not {version}")
-    return manifest, data
+    return manifest
 
 
 def write_chunks(

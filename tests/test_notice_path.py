@@ -1,0 +1,142 @@
+"""The listener's notice path: ``latest`` and the announced version's manifest come in one round
+trip, and a catch-up left waiting behind a staged version runs again once ``sync()`` applied it.
+
+Real redis-server processes come from the shared ``redis_server_factory`` fixture.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import torch
+from tensordict import TensorDict
+
+from redisbus import WeightPublisher, WeightSubscriber
+
+NS = "notice-path"
+SLOW_POLL = {"poll_interval": 60.0, "heartbeat_interval": 60.0}  # only notices can explain a prompt pull
+
+
+def _policy(seed: int) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict({"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}, batch_size=[])
+
+
+def _zeros() -> TensorDict:
+    return _policy(0).apply(torch.zeros_like)
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+def server(redis_server_factory):
+    return redis_server_factory()
+
+
+def test_notice_pull_reads_head_and_manifest_together(server, monkeypatch):
+    import redisbus.subscriber as subscriber_module
+
+    calls = {"head_and_manifest": 0}
+    real = subscriber_module.read_head_and_manifest
+
+    def counting(*args, **kwargs):
+        calls["head_and_manifest"] += 1
+        return real(*args, **kwargs)
+
+    def no_separate_manifest_read(*args, **kwargs):
+        raise AssertionError("the notice path read the manifest on its own round trip")
+
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        monkeypatch.setattr(subscriber_module, "read_head_and_manifest", counting)
+        monkeypatch.setattr(subscriber_module, "read_manifest", no_separate_manifest_read)
+        for seed in (1, 2, 3):
+            version = pub.publish(_policy(seed))
+            assert sub.wait_for_version(version, timeout=10) == version
+            assert (target == _policy(seed)).all()
+        assert calls["head_and_manifest"] >= 3
+        assert sub.stats()["errors"] == 0
+
+
+def test_bad_manifest_announced_by_a_notice_is_refused(server, monkeypatch):
+    import redisbus.publisher as publisher_module
+
+    real_encode = publisher_module.encode_manifest
+
+    def damaged_for_version_2(manifest):
+        data = real_encode(manifest)
+        if manifest.version != 2:
+            return data
+        body = msgpack.unpackb(data, raw=False)
+        body["tensors"][0]["dtype"] = "complex32"  # off the allow-list
+        return msgpack.packb(body, use_bin_type=True)
+
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert sub.wait_for_version(pub.publish(_policy(1)), timeout=10) == 1
+        before = target.clone()
+        monkeypatch.setattr(publisher_module, "encode_manifest", damaged_for_version_2)
+        assert pub.publish(_policy(2)) == 2
+        assert _wait(lambda: sub.stats()["failed_versions"] == [2])
+        assert (target == before).all()
+        assert sub.stats()["errors_by_type"] == {"ManifestError": 1}
+        assert sub.wait_for_version(pub.publish(_policy(3)), timeout=10) == 3
+        assert (target == _policy(3)).all()
+
+
+def test_catch_up_deferred_by_a_staged_version_runs_after_sync(server):
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        pub.publish(_policy(1))
+        assert _wait(lambda: sub.staged_version == 1)
+        pub.publish(_policy(2))  # notice arrives while 1 waits for sync(): the catch-up must wait too
+        assert _wait(lambda: sub.stats()["notices"] >= 2)
+        assert sub.staged_version == 1
+        assert sub.sync() == 1
+        assert _wait(lambda: sub.staged_version == 2, timeout=5)  # not the 60 s poll: the deferred catch-up
+        assert sub.sync() == 2
+        assert (target == _policy(2)).all()
+
+
+def test_no_spare_catch_up_after_an_immediate_apply(server, monkeypatch):
+    import redisbus.subscriber as subscriber_module
+
+    heads = {"n": 0}
+    real = subscriber_module.read_head
+
+    def counting(*args, **kwargs):
+        heads["n"] += 1
+        return real(*args, **kwargs)
+
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        time.sleep(0.2)  # the subscribe-time catch-up is done
+        monkeypatch.setattr(subscriber_module, "read_head", counting)
+        for seed in (1, 2, 3, 4):
+            assert sub.wait_for_version(pub.publish(_policy(seed)), timeout=10) == seed
+        time.sleep(0.3)
+        assert heads["n"] == 0  # each notice read latest with its manifest; nothing read it again
