@@ -33,8 +33,8 @@ import tempfile
 import time
 
 from redisbus import defaults
-from redisbus.cli import exit_code_for, redact
 from redisbus.errors import RedisBusError, VersionNotFoundError
+from redisbus.exit_codes import exit_code_for, redact
 from redisbus.ops import BusAdmin
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later

@@ -19,7 +19,8 @@ from helpers import bit_identical, wait_until
 from test_ops import CHUNK, make_policy, publish_versions, zeros_like_policy
 
 from redisbus import WeightSubscriber
-from redisbus.cli import EXIT_CODES, cli
+from redisbus.cli import cli
+from redisbus.exit_codes import EXIT_CODES
 from redisbus.keys import KeySpace
 from redisbus.registry import WorkerReport, report_worker
 
