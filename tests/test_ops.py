@@ -25,7 +25,10 @@ from redisbus.keys import KeySpace
 from redisbus.ops import BusAdmin
 from redisbus.registry import WorkerReport, report_worker
 from redisbus.tensorstats import tensor_stats
+from redisbus.transport import uses_sharded_pubsub
 from redisbus.weightfiles import FileFormatError, read_weights_file
+
+pytest_plugins = ["cluster_fixtures"]
 
 NS = "ops"
 CHUNK = 1024  # the smallest chunk size: every version spans several chunks
@@ -257,6 +260,25 @@ def test_pin_holds_workers_back_and_unpin_releases_them_at_once(url, admin, redi
         assert sub.wait_for_version(3, timeout=10) == 3  # the unpin re-announced latest
         assert bit_identical(target, published[3])
         assert admin.unpin().previous is None
+
+
+def test_unpin_on_a_redis7_cluster_reannounces_to_sharded_subscribers(cluster):
+    with WeightPublisher(cluster.url, namespace=NS, chunk_size=CHUNK) as pub, BusAdmin(cluster.url, namespace=NS) as admin:
+        if not uses_sharded_pubsub(admin.client):
+            pytest.skip("the cluster's servers are older than Redis 7: no sharded pub/sub")
+        pub.publish(make_policy(1))
+        target = zeros_like_policy()
+        # an hour-long poll timer: only notices, which travel by SPUBLISH on this cluster, move this worker
+        with WeightSubscriber(cluster.url, namespace=NS, target=target, apply="immediate", poll_interval=3600) as sub:
+            sub.start()
+            assert sub.wait_for_version(1, timeout=10) == 1
+            admin.pin(1)
+            pub.publish(make_policy(2))
+            time.sleep(0.5)
+            assert sub.version == 1
+            assert admin.unpin().previous == 1
+            assert sub.wait_for_version(2, timeout=10) == 2  # heard the unpin's re-announcement
+            assert bit_identical(target, make_policy(2))
 
 
 def test_pin_below_a_worker_lists_it_as_ahead(url, admin, worker):
