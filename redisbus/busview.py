@@ -1,7 +1,7 @@
 """Read-only operator access to a namespace: list, inspect, verify, compare versions; see workers; watch.
 
-:class:`BusView` changes nothing in Redis (its ACL user needs no write
-command); :class:`redisbus.ops.BusAdmin` adds what changes the namespace.
+:class:`BusView` only reads (and subscribes to the notify channel, to
+watch); :class:`redisbus.ops.BusAdmin` adds what changes the namespace.
 Versions are pulled into a host buffer, checked chunk by chunk, and read as
 typed views of that buffer; nothing is applied to a model.
 
@@ -287,12 +287,11 @@ class BusView:
                     problem = ChunkProblem(None, getattr(self.keys, name), f"{name} names version {value}, which is not committed")
                     results.append(VerifyResult(value, problems=[problem]))
         progress.start("verifying", sum(m.total_bytes for m in manifests.values()))
-        scratch = HostBuffer()
+        scratch, signing_key = HostBuffer(), self.config.signing_key
         try:
             for result in results:
                 manifest = manifests.get(result.version)
                 if manifest is not None:
-                    signing_key = self.config.signing_key
                     check_version(self.client, self.keys, manifest, result, signing_key=signing_key, scratch=scratch, progress=progress)
         finally:
             scratch.release()
