@@ -1,23 +1,17 @@
-"""The operator scripts of issue 4 (cron GC, per-namespace ACL users with an ops user), on real redis-servers."""
+"""The operator scripts of issue 4 (cron GC) on real redis-servers; scripts/acl.py is tested in test_security.py."""
 
 from __future__ import annotations
 
 import fcntl
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import redis
-import torch
-from click.testing import CliRunner
 from test_ops import publish_versions
 
-from redisbus import WeightPublisher, WeightSubscriber
-from redisbus.cli import cli
 from redisbus.ops import BusAdmin
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -31,7 +25,7 @@ def load(name: str) -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("name", ["gc_cron", "acl_setup"])
+@pytest.mark.parametrize("name", ["gc_cron"])
 def test_each_script_has_a_usage_line(name, capsys):
     module = load(name)
     assert module.__doc__.split("\n\n")[1].startswith(f"usage: {name}.py")
@@ -89,76 +83,3 @@ def test_gc_cron_verbose_dry_run_lock_and_failures(redis_server, redis_server_fa
         assert out.out == "" and out.err.count("\n") == 1 and "secret" not in out.err
     with pytest.raises(SystemExit):
         gc_cron.main(["--keep", "0", "a"])
-
-
-# --------------------------------------------------------------------------- acl_setup.py
-
-PASSWORDS = {
-    "REDISBUS_PUBLISHER_PASSWORD": "pub-pass-1",
-    "REDISBUS_WORKER_PASSWORD": "work-pass-2",
-    "REDISBUS_OPS_PASSWORD": "ops-pass-3",
-}
-
-
-def test_acl_setup_prints_rules_without_passwords(monkeypatch, capsys):
-    acl = load("acl_setup")
-    for name in PASSWORDS:
-        monkeypatch.delenv(name, raising=False)
-    assert acl.main(["ppo"]) == 2
-    assert "REDISBUS_WORKER_PASSWORD" in capsys.readouterr().err
-    for name, value in PASSWORDS.items():
-        monkeypatch.setenv(name, value)
-    assert acl.main(["ppo"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[2] for line in lines] == ["rb-ppo-publisher", "rb-ppo-worker", "rb-ppo-ops"]
-    worker = lines[1].split()
-    assert "%R~rb:{ppo}:*" in worker and "%RW~rb:{ppo}:workers" in worker and "&rb:{ppo}:notify" in worker
-    assert "+set" not in worker and "+eval" not in worker
-    assert all(value not in "\n".join(lines) for value in PASSWORDS.values())
-    assert acl.main(["ppo", "--format", "aclfile", "--redis6"]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("user rb-ppo-publisher ") and "%R~" not in text
-    assert acl.main(["bad ns"]) == 2
-
-
-def test_acl_users_let_each_role_do_its_job_and_no_more(redis_server_factory, monkeypatch, capsys):
-    acl = load("acl_setup")
-    server = redis_server_factory(password="admin-pass")
-    for name, value in PASSWORDS.items():
-        monkeypatch.setenv(name, value)
-    assert acl.main(["--url", server.url, "--apply", "ppo"]) == 0
-    assert capsys.readouterr().out.count("ACL user rb-ppo-") == 3
-    base = f"127.0.0.1:{server.port}/0"
-    publisher_url = f"redis://rb-ppo-publisher:pub-pass-1@{base}"
-    worker_url = f"redis://rb-ppo-worker:work-pass-2@{base}"
-    ops_url = f"redis://rb-ppo-ops:ops-pass-3@{base}"
-    module = torch.nn.Linear(600, 1, bias=False)
-    with WeightPublisher(publisher_url, namespace="ppo", chunk_size=1024, keep_versions=2) as pub:
-        pub.publish({"weight": torch.ones(1, 600)})
-        with WeightSubscriber(worker_url, namespace="ppo", target=module, worker_id="w-1", apply="immediate",
-                              heartbeat_interval=0.2) as sub:
-            sub.start()
-            assert sub.wait_for_version(1, timeout=10) == 1
-            pub.publish({"weight": torch.full((1, 600), 2.0)})
-            pub.publish({"weight": torch.full((1, 600), 3.0)})  # the publisher's own GC runs too
-            assert sub.wait_for_version(3, timeout=10) == 3
-            assert torch.equal(module.weight, torch.full((1, 600), 3.0))
-            assert sub.stats()["errors"] == 0
-    worker = redis.Redis.from_url(worker_url)
-    for command in (("SET", "rb:{ppo}:latest", "9"), ("DEL", "rb:chunk:{ppo:3:0}"), ("PUBLISH", "rb:{ppo}:notify", "x"),
-                    ("HSET", "rb:{ppo}:publishers", "x", "y"), ("GET", "rb:{other}:latest"), ("CONFIG", "GET", "requirepass")):
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            worker.execute_command(*command)
-    worker.close()
-    env = {"REDISBUS_URL": ops_url, "REDISBUS_NAMESPACE": "ppo", "COLUMNS": "200"}
-    runner = CliRunner()
-    listed = runner.invoke(cli, ["versions", "--json"], env=env)
-    assert listed.exit_code == 0, listed.output
-    assert [v["version"] for v in json.loads(listed.stdout)] == [2, 3]
-    for args in (["verify", "--all"], ["workers"], ["rollback", "2"], ["pin"], ["unpin"], ["gc", "--keep", "1"]):
-        result = runner.invoke(cli, args, env=env)
-        assert result.exit_code == 0, (args, result.output)
-        assert "ops-pass-3" not in result.output
-    denied = runner.invoke(cli, ["versions"], env={**env, "REDISBUS_NAMESPACE": "other"})
-    assert denied.exit_code == 5, denied.output
-    assert denied.stderr.startswith("Error: ") and "no permissions" in denied.stderr and denied.stderr.count("\n") == 1

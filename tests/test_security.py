@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import logging
@@ -10,13 +11,15 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
-import msgpack
 import pytest
 import redis
+import torch
 
 from helpers import bit_identical, make_policy, wait_until, zeros_like_policy
 from redisbus import (
@@ -150,6 +153,8 @@ def load_acl_script():
 
 
 acl_script = load_acl_script()
+ROLE_PASSWORDS = {"REDISBUS_PUBLISHER_PASSWORD": "pub-Pw-s3cret", "REDISBUS_WORKER_PASSWORD": "wrk-Pw-s3cret",
+                  "REDISBUS_OPS_PASSWORD": "ops-Pw-s3cret"}
 
 
 def run_acl_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -177,16 +182,22 @@ def server_version(client: redis.Redis) -> str:
     return f"{major}.{minor}"
 
 
-def printed_users(namespace: str, version: str) -> dict[str, list[str]]:
-    """User name -> rule tokens, parsed from what the script prints."""
-    result = run_acl_script("--namespace", namespace, "--redis-version", version)
-    assert result.returncode == 0, result.stderr
+def parse_setusers(text: str) -> dict[str, list[str]]:
+    """User name -> rule tokens, parsed from the ``ACL SETUSER`` lines the script prints."""
     users = {}
-    for line in result.stdout.splitlines():
+    for line in text.splitlines():
         if line.startswith("ACL SETUSER"):
             _, _, name, *tokens = shlex.split(line)
             users[name] = tokens
-    assert set(users) == {f"rb-{namespace}-publisher", f"rb-{namespace}-worker"}
+    return users
+
+
+def printed_users(namespace: str, version: str, *options: str) -> dict[str, list[str]]:
+    """User name -> rule tokens of every role, as the script prints them."""
+    result = run_acl_script("--namespace", namespace, "--redis-version", version, *options)
+    assert result.returncode == 0, result.stderr
+    users = parse_setusers(result.stdout)
+    assert list(users) == [f"rb-{namespace}-{role}" for role in ("publisher", "worker", "ops")]
     return users
 
 
@@ -205,20 +216,24 @@ def acl_server(redis_server_factory):
         admin.execute_command("ACL", "SETUSER", name, *tokens, f">{name}-pw")
     server.admin = admin
     server.users = users
+    server.version = version
     return server
 
 
-def user_url(server, namespace: str, role: str) -> str:
+def user_url(server, namespace: str, role: str, db: int = 0) -> str:
     name = f"rb-{namespace}-{role}"
-    return f"redis://{name}:{name}-pw@127.0.0.1:{server.port}/0"
+    return f"redis://{name}:{name}-pw@127.0.0.1:{server.port}/{db}"
+
+
+#: What the tests' admin connection itself runs (counted too, but not by the users under test).
+ADMIN_OWN = {"config|resetstat", "info", "acl|log", "acl|setuser", "acl|getuser", "hexists", "pubsub|numsub", "hello"}
 
 
 def used_commands(admin: redis.Redis) -> set[str]:
     """Commands run since the last CONFIG RESETSTAT and allowed: neither the admin's, nor refused, nor HELLO
     (the handshake that carries AUTH needs no permission)."""
-    admin_own = {"config|resetstat", "info", "acl|log", "acl|setuser", "acl|getuser", "hexists", "hello"}
     refused = {obj for _, obj in denials(admin)}
-    return {name.removeprefix("cmdstat_") for name in admin.info("commandstats")} - admin_own - refused
+    return {name.removeprefix("cmdstat_") for name in admin.info("commandstats")} - ADMIN_OWN - refused
 
 
 def granted_commands(tokens: list[str]) -> set[str]:
@@ -229,15 +244,70 @@ def denials(admin: redis.Redis) -> list[tuple[str, str]]:
     return [(str(e["username"]), str(e["object"])) for e in admin.acl_log()]
 
 
+def reset_counts(admin: redis.Redis) -> None:
+    admin.config_resetstat()
+    admin.acl_log_reset()
+
+
 def test_acl_script_prints_usage_and_refuses_bad_input():
-    result = subprocess.run([sys.executable, str(ACL_SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, str(ACL_SCRIPT), "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COLUMNS": "300"})
     assert result.returncode == 0 and result.stdout.startswith("usage: scripts/acl.py"), result.stderr
-    for args, needle in ((("--namespace", "bad ns"),  "invalid namespace"),
-                         (("--namespace", "ok", "--redis-version", "6.2"), "Redis 7.0 or newer")):
+    usage = " ".join(result.stdout.split("\n\n")[0].split())
+    assert " ".join(acl_script.__doc__.split("\n\n")[1].split()) == usage  # the docstring's usage line is --help's
+    assert "Exit status" in acl_script.__doc__ and "Exit status" in result.stdout
+    for args, needle in ((("--namespace", "bad ns"), "invalid namespace"),
+                         (("--namespace", "ok", "--redis-version", "6.2"), "Redis 7.0 or newer"),
+                         (("--roles", "publisher,admin"), "unknown role"),
+                         (("--db", "-1"), "--db")):
         result = run_acl_script(*args)
         assert result.returncode == 2 and needle in result.stderr, result.stderr
     result = run_acl_script("--apply", "--url", "redis://127.0.0.1:1/0")
-    assert result.returncode == 2 and "REDISBUS_PUBLISHER_PASSWORD" in result.stderr
+    assert result.returncode == 2
+    assert all(name in result.stderr for name in ROLE_PASSWORDS), result.stderr
+    result = run_acl_script("--apply", env=ROLE_PASSWORDS)
+    assert result.returncode == 2 and "REDISBUS_ADMIN_URL" in result.stderr
+    # --roles picks the users; --apply then needs only their passwords
+    result = run_acl_script("--roles", "ops", "--apply", "--url", "redis://127.0.0.1:1/0",
+                            env={"REDISBUS_OPS_PASSWORD": "x"})
+    assert result.returncode == 4 and "cannot reach Redis" in result.stderr, result.stderr
+    printed = parse_setusers(run_acl_script("--namespace", "ns", "--roles", "worker,ops").stdout)
+    assert list(printed) == ["rb-ns-worker", "rb-ns-ops"]
+
+
+def test_one_acl_script_and_nothing_refers_to_the_old_one():
+    assert not (ROOT / "scripts" / "acl_setup.py").exists()
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "docker").iterdir(),
+                 *(ROOT / "scripts").glob("*.py"), *(ROOT / "redisbus").glob("*.py")]:
+        assert not path.is_file() or "acl_setup" not in path.read_text(errors="replace"), path
+
+
+def test_printed_rules_carry_each_password_only_as_its_sha256():
+    result = run_acl_script("--namespace", "ppo", "--ops-user", "operator", env=ROLE_PASSWORDS)
+    assert result.returncode == 0, result.stderr
+    users = parse_setusers(result.stdout)
+    assert list(users) == ["rb-ppo-publisher", "rb-ppo-worker", "operator"]
+    for tokens, password in zip(users.values(), ROLE_PASSWORDS.values()):
+        assert tokens[-1] == "#" + hashlib.sha256(password.encode()).hexdigest()
+    assert "s3cret" not in result.stdout + result.stderr
+    assert "no password yet" not in result.stdout  # the note only shows when a password is missing
+    worker = users["rb-ppo-worker"]
+    assert {"%R~rb:{ppo}:*", "%R~rb:chunk:{ppo:*", "%RW~rb:{ppo}:workers", "&rb:{ppo}:notify"} <= set(worker)
+    assert not {t for t in worker if t.startswith("~")}  # read-only keys, but for its heartbeat hash
+    assert not granted_commands(worker) & {"set", "del", "publish", "eval", "evalsha", "hdel", "config|get"}
+    for tokens in users.values():
+        assert tokens[:5] == ["reset", "on", "resetkeys", "resetchannels", "-@all"]
+        assert not [t for t in tokens if t.startswith(("+@", "~*", "&*", "allkeys", "allchannels", "allcommands"))]
+    # options add exactly one command each: WAIT to publisher and ops, SELECT to everyone
+    plain = {name: granted_commands(tokens) for name, tokens in printed_users("ppo", "7.2").items()}
+    for option, added, roles in ((("--wait",), {"wait"}, ("publisher", "ops")),
+                                 (("--db", "3"), {"select"}, ("publisher", "worker", "ops"))):
+        changed = {name: granted_commands(tokens) for name, tokens in printed_users("ppo", "7.2", *option).items()}
+        for name in plain:
+            expected = added if name.rsplit("-", 1)[1] in roles else set()
+            assert changed[name] - plain[name] == expected and plain[name] <= changed[name], (option, name)
+    for name, tokens in printed_users("ppo", "7.0").items():
+        assert granted_commands(tokens) == plain[name] - {"client|setinfo"}  # 7.0 has no CLIENT SETINFO
 
 
 def test_publisher_and_worker_run_with_exactly_the_printed_rights(acl_server):
@@ -247,8 +317,7 @@ def test_publisher_and_worker_run_with_exactly_the_printed_rights(acl_server):
     worker_rights = granted_commands(users["rb-acl-worker"])
 
     # The publisher alone: publish, evict an old version with a grace expiry, collect an orphan chunk.
-    admin.config_resetstat()
-    admin.acl_log_reset()
+    reset_counts(admin)
     with WeightPublisher(user_url(acl_server, "acl", "publisher"), namespace="acl", keep_versions=1,
                          grace_seconds=30, health_check_interval=0.05) as pub:
         for seed in range(3):
@@ -262,8 +331,7 @@ def test_publisher_and_worker_run_with_exactly_the_printed_rights(acl_server):
     assert denials(admin) == [("rb-acl-publisher", "config|get")]  # harmless: the chunk size stays as configured
 
     # The worker alone: subscribe, catch up, pull, heartbeat, health checks.
-    admin.config_resetstat()
-    admin.acl_log_reset()
+    reset_counts(admin)
     target = zeros_like_policy()
     with WeightSubscriber(user_url(acl_server, "acl", "worker"), namespace="acl", target=target,
                           worker_id="w1", apply="immediate", health_check_interval=0.05, **FAST) as sub:
@@ -276,12 +344,92 @@ def test_publisher_and_worker_run_with_exactly_the_printed_rights(acl_server):
     assert denials(admin) == []
 
 
+def run_cli(url: str, *args: str, namespace: str = "acl") -> Any:
+    from click.testing import CliRunner
+
+    from redisbus.cli import cli
+
+    return CliRunner().invoke(cli, list(args), env={"REDISBUS_URL": url, "REDISBUS_NAMESPACE": namespace,
+                                                    "COLUMNS": "200"})
+
+
+def test_ops_user_runs_every_cli_command_with_exactly_the_printed_rights(acl_server, tmp_path):
+    """Every `redisbus` command but `demo` (which runs its own trainer and workers) as the ops user: the commands
+    the server counted are exactly those granted (nothing refused but CONFIG GET, nothing granted unused)."""
+    from redisbus.cli import cli
+    from redisbus.ops import BusAdmin
+    from redisbus.registry import WorkerReport, report_worker
+
+    admin, users = acl_server.admin, acl_server.users
+    keys = KeySpace("acl")
+    ops_rights = granted_commands(users["rb-acl-ops"])
+    ops_url = user_url(acl_server, "acl", "ops") + "?health_check_interval=0.05"  # health checks (PING) fall due
+    # The scene, set by the publisher and the admin before counting: 3 versions, a worker report that went
+    # silent an hour ago, a chunk and a pending mark left by a publisher that died, no scripts loaded yet.
+    with WeightPublisher(user_url(acl_server, "acl", "publisher"), namespace="acl") as pub:
+        for seed in range(3):
+            pub.publish(make_policy(seed))
+    long_ago = time.time() - 3600
+    report_worker(admin, keys, WorkerReport("w-gone", 1, long_ago, long_ago, "host-1", 4321))
+    admin.set(keys.chunk(99, 0), b"left by a publisher that died")
+    admin.zadd(keys.pending, {"99": long_ago})
+    admin.script_flush()  # rollback / import load the commit scripts themselves
+    weights_file = tmp_path / "policy.pt"
+    torch.save({"w": torch.arange(6, dtype=torch.float32)}, weights_file)
+    reset_counts(admin)
+
+    def ok(*args: str) -> str:
+        result = run_cli(ops_url, *args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "rb-acl-ops-pw" not in result.output
+        return result.output
+
+    ran = []
+    for args in (["status"], ["versions"], ["inspect"], ["inspect", "1", "--stats"], ["verify", "--all"],
+                 ["verify", "2"], ["diff", "1", "2"], ["workers"], ["pin", "2"], ["unpin"], ["rollback", "1"],
+                 ["import", str(weights_file)], ["export", "latest", str(tmp_path / "latest.safetensors")]):
+        ok(*args)
+        ran.append(args[0])
+    # watch sees a version committed while it runs (by a rollback of the ops user, from another thread)
+    def commit_while_watching() -> None:
+        assert wait_until(lambda: admin.pubsub_numsub(keys.notify)[0][1] >= 1)
+        time.sleep(0.5)  # a few polls 0.1 s apart: health checks (PING) fall due
+        with BusAdmin(ops_url, namespace="acl") as other:
+            other.rollback(2)
+
+    thread = threading.Thread(target=commit_while_watching)
+    thread.start()
+    try:
+        watched = ok("watch", "--count", "1", "--timeout", "20", "--interval", "0.1")
+    finally:
+        thread.join()
+    assert "committed" in watched
+    ran.append("watch")
+    assert "pruned 1 dead worker(s): w-gone" in ok("workers", "--prune")
+    assert "would evict" in ok("gc", "--keep", "2", "--dry-run")
+    assert "orphans" in ok("gc", "--keep", "2")  # grace: PEXPIRE; the orphan chunk of v99 is found by SCAN
+    assert "evicted" in ok("gc", "--keep", "1", "--grace", "0")  # no grace: DEL
+    ran += ["workers", "gc"]
+    assert set(cli.commands) - {"demo"} == set(ran), "a CLI command the ops rules were not checked with"
+    assert used_commands(admin) == ops_rights
+    assert denials(admin) == [("rb-acl-ops", "config|get")]  # rollback / import keep their chunk size
+    assert admin.zcard(keys.pending) == 0 and admin.pttl(keys.chunk(99, 0)) > 0  # the orphan fades
+
+    # confined to its namespace: one line, exit 5, no password
+    for args in (["versions"], ["pin", "1"], ["gc"]):
+        denied = run_cli(ops_url, *args, namespace="acl2")
+        assert denied.exit_code == 5, denied.output
+        assert denied.stderr.startswith("Error: ") and "no permissions" in denied.stderr and denied.stderr.count("\n") == 1
+        assert "rb-acl-ops-pw" not in denied.output
+
+
 def test_worker_cannot_write_or_publish_and_nobody_leaves_their_namespace(acl_server):
     keys, other = KeySpace("acl"), KeySpace("acl2")
     with WeightPublisher(user_url(acl_server, "acl", "publisher"), namespace="acl") as pub:
         pub.publish(make_policy(1))
     worker = redis.Redis.from_url(user_url(acl_server, "acl", "worker"))
     publisher = redis.Redis.from_url(user_url(acl_server, "acl", "publisher"))
+    ops = redis.Redis.from_url(user_url(acl_server, "acl", "ops"))
     try:
         assert worker.get(keys.latest) == b"1"
         assert worker.hset(keys.workers, "w", b"report") == 1  # its one write: the heartbeat hash
@@ -308,18 +456,31 @@ def test_worker_cannot_write_or_publish_and_nobody_leaves_their_namespace(acl_se
             lambda c, k: c.hset(k.workers, "w", b"x"),
             lambda c, k: c.publish(k.notify, b"x"),
         ]
-        for client in (worker, publisher):
+        no_role_needs = [
+            lambda c: c.config_get("requirepass"),
+            lambda c: c.eval("return 1", 0),
+            lambda c: c.flushall(),
+            lambda c: c.keys("*"),
+            lambda c: c.info(),
+            lambda c: c.execute_command("ACL", "LIST"),
+            lambda c: c.client_list(),
+        ]
+        for client in (worker, publisher, ops):
             for action in reads_elsewhere + writes[:3]:
                 with pytest.raises(redis.exceptions.NoPermissionError):
                     action(client, other)
-        pubsub = worker.pubsub()
-        pubsub.subscribe(other.notify)
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            pubsub.get_message(timeout=2)
-        pubsub.close()
+            for action in no_role_needs:
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    action(client)
+            pubsub = client.pubsub()
+            pubsub.subscribe(other.notify)
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                pubsub.get_message(timeout=2)
+            pubsub.close()
     finally:
         worker.close()
         publisher.close()
+        ops.close()
     # the same refusals through the bus API: clear errors, not hangs
     with WeightPublisher(user_url(acl_server, "acl", "publisher"), namespace="acl2") as pub:
         with pytest.raises(PublishError, match="NOPERM"):
@@ -340,28 +501,74 @@ def test_acl_apply_creates_the_printed_users_and_prints_no_password(redis_server
     version = server_version(admin)
     if int(version.split(".")[0]) < 7:
         pytest.skip("needs Redis 7")
-    env = {"REDISBUS_PUBLISHER_PASSWORD": "pub-Pw-s3cret", "REDISBUS_WORKER_PASSWORD": "wrk-Pw-s3cret",
-           "REDISBUS_ADMIN_URL": server.url}
+    env = {**ROLE_PASSWORDS, "REDISBUS_ADMIN_URL": server.url}
     result = run_acl_script("--namespace", "applied", "--apply", env=env)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.count("applied ACL user 'rb-applied-") == 3
     printed = run_acl_script("--namespace", "applied", "--redis-version", version, env=env)
     for text in (result.stdout + result.stderr, printed.stdout + printed.stderr):
         assert "s3cret" not in text and "admin-pw" not in text
-    for line in printed.stdout.splitlines():
-        if line.startswith("ACL SETUSER"):
-            name, tokens = shlex.split(line)[2], shlex.split(line)[3:]
-            user = admin.acl_getuser(name)
-            commands = user["commands"]
-            commands = commands.split() if isinstance(commands, str) else [str(c) for c in commands]
-            assert {c for c in commands if c.startswith("+")} == {t for t in tokens if t.startswith("+")}
-            assert "#" + user["passwords"][0] in tokens  # the printed rule carries the hash, never the password
+    users = parse_setusers(printed.stdout)
+    assert list(users) == ["rb-applied-publisher", "rb-applied-worker", "rb-applied-ops"]
+    for name, tokens in users.items():
+        user = admin.acl_getuser(name)
+        commands = user["commands"]
+        commands = commands.split() if isinstance(commands, str) else [str(c) for c in commands]
+        assert {c for c in commands if c.startswith("+")} == {t for t in tokens if t.startswith("+")}
+        assert ["#" + user["passwords"][0]] == [t for t in tokens if t.startswith("#")]  # the hash, never the password
+    listed = admin.acl_list()
+    assert run_acl_script("--namespace", "applied", "--apply", env=env).returncode == 0
+    assert admin.acl_list() == listed  # re-running changes nothing
     with WeightPublisher(f"redis://rb-applied-publisher:pub-Pw-s3cret@127.0.0.1:{server.port}/0",
                          namespace="applied") as pub:
         assert pub.publish(make_policy(1)) == 1
-    # wrong admin credentials: a clear error, no secret
-    bad = run_acl_script("--namespace", "applied", "--apply",
-                         env={**env, "REDISBUS_ADMIN_URL": f"redis://:not-the-admin-pw@127.0.0.1:{server.port}/0"})
-    assert bad.returncode == 4 and "authentication" in bad.stderr and "not-the-admin-pw" not in bad.stderr
+    listing = run_cli(f"redis://rb-applied-ops:ops-Pw-s3cret@127.0.0.1:{server.port}/0", "versions", "--json",
+                      namespace="applied")
+    assert listing.exit_code == 0 and '"version": 1' in listing.stdout, listing.output
+    # wrong admin credentials, or a user that may not run ACL SETUSER: a clear error, no secret
+    for url, needle in ((f"redis://:not-the-admin-pw@127.0.0.1:{server.port}/0", "authentication"),
+                        (f"redis://rb-applied-ops:ops-Pw-s3cret@127.0.0.1:{server.port}/0", "NOPERM")):
+        bad = run_acl_script("--namespace", "applied", "--apply", env={**env, "REDISBUS_ADMIN_URL": url})
+        assert bad.returncode == 4 and needle in bad.stderr, bad.stderr
+        assert "not-the-admin-pw" not in bad.stderr and "s3cret" not in bad.stderr
+
+
+def test_db_and_wait_add_the_select_and_wait_those_set_ups_send(redis_server_factory):
+    """--db N (SELECT) and --wait (WAIT, for wait_replicas): each role then runs on database 1, publisher and ops
+    WAIT for a replica (none answers: WAIT times out and the commit goes on), and nothing is refused."""
+    server = redis_server_factory(password="admin-pw")
+    admin = server.client()
+    version = server_version(admin)
+    if int(version.split(".")[0]) < 7:
+        pytest.skip("needs Redis 7")
+    users = printed_users("aclw", version, "--db", "1", "--wait")
+    for name, tokens in users.items():
+        admin.execute_command("ACL", "SETUSER", name, *tokens, f">{name}-pw")
+    wait = "?wait_replicas=1&wait_timeout=0.1"
+
+    def publisher() -> None:
+        with WeightPublisher(user_url(server, "aclw", "publisher", db=1) + wait, namespace="aclw") as pub:
+            assert pub.publish(make_policy(1)) == 1
+
+    def worker() -> None:
+        with WeightSubscriber(user_url(server, "aclw", "worker", db=1), namespace="aclw",
+                              target=zeros_like_policy()) as sub:
+            assert sub.sync() == 1
+
+    def ops() -> None:
+        result = run_cli(user_url(server, "aclw", "ops", db=1) + wait, "rollback", "1", namespace="aclw")
+        assert result.exit_code == 0, result.output
+
+    for role, run, sent in (("publisher", publisher, {"select", "wait"}), ("worker", worker, {"select"}),
+                            ("ops", ops, {"select", "wait"})):
+        reset_counts(admin)
+        run()
+        used = used_commands(admin)
+        assert sent <= used <= granted_commands(users[f"rb-aclw-{role}"]), role
+        assert set(denials(admin)) <= {(f"rb-aclw-{role}", "config|get")}, role
+    with redis.Redis(port=server.port, password="admin-pw", db=1) as db1:
+        assert db1.get(KeySpace("aclw").latest) == b"2"
+    assert admin.dbsize() == 0
 
 
 # --------------------------------------------------------------------------- signing
