@@ -131,7 +131,7 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _dead_after_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--dead-after", type=float, default=defaults.DEAD_AFTER_SECONDS, show_default=True,
-                        help="Seconds without a heartbeat before a worker counts as dead.")(f)  # fmt: skip
+                        help="Seconds without a heartbeat before a worker counts as dead.")(f)
 
 
 # --------------------------------------------------------------------------- the group
