@@ -161,8 +161,12 @@ class WeightPublisher:
         entries, total = plan_layout((key, t.dtype, t.shape) for key, t in leaves)
         on_cuda = any(t.is_cuda for _, t in leaves)
         self._snapshot.reserve(total, pinned=on_cuda)
-        if lazy and all(t.device.type == "cpu" for _, t in leaves):
-            return entries, total, LazyFill(self._snapshot, entries, [t for _, t in leaves])
+        if all(t.device.type == "cpu" for _, t in leaves):
+            fill = LazyFill(self._snapshot, entries, [t for _, t in leaves])
+            if lazy:
+                return entries, total, fill
+            fill.fill_to(total)  # the whole snapshot now, memcpy shared with a helper thread
+            return entries, total, None
         with torch.no_grad():
             for entry, (_, tensor) in zip(entries, leaves):
                 self._snapshot.view(entry).copy_(tensor.detach(), non_blocking=tensor.is_cuda)

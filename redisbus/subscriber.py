@@ -301,9 +301,7 @@ class WeightSubscriber:
             except SchemaMismatchError as exc:
                 self._condemn(manifest.version, exc)
                 return None
-            with torch.no_grad():
-                for entry, dst in pairs:
-                    dst.copy_(self._staging.view(entry), non_blocking=dst.is_cuda)
+            self._staging.copy_out(pairs)
             if self._on_cuda:
                 self._copy_done = torch.cuda.Event()
                 self._copy_done.record()

@@ -204,3 +204,55 @@ def test_blocking_and_async_publishes_store_the_same_bytes(client):
             if lo < hi:
                 assert a[lo - i * CHUNK : hi - i * CHUNK] == b[lo - i * CHUNK : hi - i * CHUNK]
     assert [t.key for t in m1.tensors] == [t.key for t in m2.tensors]
+
+
+# --------------------------------------------------------------------------- host copies
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 2, 3], [9 * 1024 * 1024 + 7], [3 * 1024 * 1024] * 5 + [17]],
+                         ids=["empty", "tiny", "one-large", "several"])  # fmt: skip
+def test_copy_bytes_copies_every_byte(sizes):
+    from redisbus.buffers import copy_bytes
+
+    rng = np.random.default_rng(len(sizes))
+    srcs = [rng.integers(0, 256, size=n, dtype=np.uint8) for n in sizes]
+    dsts = [np.zeros(n, dtype=np.uint8) for n in sizes]
+    copy_bytes(list(zip(dsts, srcs)))
+    for d, s in zip(dsts, srcs):
+        assert np.array_equal(d, s)
+
+
+def test_apply_bumps_autograd_versions_like_copy_does(client):
+    model = torch.nn.Linear(8, 4)
+    with WeightPublisher(client, namespace=NS) as pub, WeightSubscriber(client, namespace=NS, target=model) as sub:
+        trained = torch.nn.Linear(8, 4)
+        pub.publish(trained)
+        loss = model(torch.randn(2, 8, requires_grad=True)).pow(2).sum()  # the graph saved the weight
+        assert sub.sync() == 1
+        assert torch.equal(model.weight, trained.weight) and model.weight.requires_grad
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_apply_into_strided_and_plain_targets(client):
+    base = torch.zeros(6, 5)
+    target = TensorDict({"t": base.t(), "plain": torch.zeros(7, dtype=torch.bfloat16)}, batch_size=[])  # 't': a view
+    src = TensorDict({"t": torch.randn(5, 6), "plain": torch.randn(7).to(torch.bfloat16)}, batch_size=[])
+    with WeightPublisher(client, namespace=NS) as pub, WeightSubscriber(client, namespace=NS, target=target) as sub:
+        pub.publish(src)
+        assert sub.sync() == 1
+    assert torch.equal(target["t"], src["t"]) and torch.equal(base, src["t"].t())
+    assert torch.equal(target["plain"], src["plain"])
+
+
+def test_async_snapshot_is_taken_before_publish_returns(client):
+    policy = _policy(5 * CHUNK + 3, 1)
+    expected = policy.clone()
+    with WeightPublisher(client, namespace=NS, chunk_size=CHUNK) as pub:
+        future = pub.publish(policy, block=False)
+        policy["blob"].zero_()  # the caller moves on at once
+        version = future.result()
+    target = _zeros(5 * CHUNK + 3)
+    with WeightSubscriber(client, namespace=NS, target=target) as sub:
+        assert sub.sync() == version
+    assert (target == expected).all()
