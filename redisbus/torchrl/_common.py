@@ -48,6 +48,25 @@ def as_weights(obj: Any) -> TensorDictBase | Mapping[str, Any] | None:
     raise TypeError(f"expected an nn.Module, a TensorDictBase or a Mapping of tensors, not {type(obj).__name__}")
 
 
+def as_tensordict(weights: nn.Module | TensorDictBase | Mapping[str, Any]) -> TensorDictBase:
+    """A module's parameters and buffers, a TensorDict as is, or a mapping of tensors (dotted keys nest)."""
+    if isinstance(weights, nn.Module):
+        return TensorDict.from_module(weights)
+    if isinstance(weights, TensorDictBase):
+        return weights
+    return TensorDict(dict(weights)).unflatten_keys(".")
+
+
+def copy_weights(dest: nn.Module | TensorDictBase, src: nn.Module | TensorDictBase | Mapping[str, Any]) -> None:
+    """Copy ``src`` into the tensors of ``dest``, in place."""
+    as_tensordict(dest).data.update_(as_tensordict(src).data)
+
+
+def same_storage(a: nn.Module | TensorDictBase, b: nn.Module | TensorDictBase) -> bool:
+    va, vb = list(as_tensordict(a).values(True, True)), list(as_tensordict(b).values(True, True))
+    return len(va) == len(vb) and all(x.data_ptr() == y.data_ptr() and x.device == y.device for x, y in zip(va, vb))
+
+
 def default_worker_id(suffix: str | int | None = None) -> str:
     base = f"{socket.gethostname()}:{os.getpid()}"
     return base if suffix is None else f"{base}:{suffix}"
@@ -98,11 +117,17 @@ class PreCollectHook:
             collector.pre_collect_hook = self.previous
 
 
-def same_storage(a: nn.Module | TensorDictBase, b: nn.Module | TensorDictBase) -> bool:
-    la = TensorDict.from_module(a) if isinstance(a, nn.Module) else a
-    lb = TensorDict.from_module(b) if isinstance(b, nn.Module) else b
-    va, vb = list(la.values(True, True)), list(lb.values(True, True))
-    return len(va) == len(vb) and all(x.data_ptr() == y.data_ptr() and x.device == y.device for x, y in zip(va, vb))
+def keep_bus_version(collector: Any, version: Callable[[], int | None]) -> PreCollectHook | None:
+    """Put ``version()`` back into a Collector's version tracker at each of its safe points.
+
+    ``Collector.update_policy_weights_()`` adds a local +1 after the weights were
+    sent or received; its batches must carry the trainer's version instead.
+    Returns the hook, or None when the collector tracks no versions (or is not a leaf ``Collector``).
+    """
+    if getattr(collector, "policy_version_tracker", None) is None or not is_leaf_collector(collector):
+        return None
+    collector_ref = weakref.ref(collector)  # the collector holds the hook: no cycle back to it
+    return PreCollectHook(collector, lambda: set_collector_version(collector_ref(), version()))
 
 
 class Freshness:
@@ -157,4 +182,3 @@ def catch_up(sub: WeightSubscriber, *, timeout: float, strict: bool, freshness: 
             raise
         log.warning("worker %s: %s; going on with version %s", sub.worker_id, exc, sub.version)
         return sub.sync()
-

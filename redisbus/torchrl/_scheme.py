@@ -25,8 +25,10 @@ from ._common import (
     as_weights,
     catch_up,
     check_apply_mode,
+    copy_weights,
     default_worker_id,
     is_leaf_collector,
+    keep_bus_version,
     same_storage,
     set_collector_version,
 )
@@ -45,7 +47,6 @@ def _bus_config(url: str | BusConfig | None, namespace: str | None, settings: Ma
         f"expected a Redis URL or a BusConfig, not {type(url).__name__}: the scheme is pickled into "
         "worker processes, so it cannot carry a live client"
     )
-
 
 
 def _materialize_meta(model: nn.Module, device: torch.device | str = "cpu") -> bool:
@@ -68,8 +69,6 @@ def _materialize_meta(model: nn.Module, device: torch.device | str = "cpu") -> b
     return True
 
 
-
-
 class _RedisTransport:
     """TorchRL transport (send/receive and initial-sync protocols) over the bus; one per scheme."""
 
@@ -88,8 +87,7 @@ class _RedisTransport:
     def receive_weights(
         self, timeout: float | None = None, *, weights: Any = None, model: Any = None, strategy: Any = None
     ) -> Any:
-        scheme = self._scheme()
-        return None if scheme._apply_newest(timeout=timeout) is None else scheme._target
+        return self._scheme()._receive_now(timeout)
 
     def setup_connection_and_weights_on_sender(self) -> None:
         pass
@@ -98,6 +96,7 @@ class _RedisTransport:
         self, *, worker_idx: int | None = None, weights: Any = None, model: Any = None, strategy: Any = None
     ) -> Any:
         return None
+
 
 class RedisWeightSyncScheme(WeightSyncScheme):
     """A TorchRL ``WeightSyncScheme`` whose transport is the redisbus.
@@ -273,8 +272,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
             wid = default_worker_id(f"{self.model_id}:{index}")
         else:  # one scheme pickled into several worker processes: one id each
             wid = self.worker_id if self._worker_idx is None else f"{self.worker_id}:{self._worker_idx}"
-        sub = WeightSubscriber(self.bus_config, target=model, worker_id=wid, apply=self.apply_mode)
-        sub.start()
+        sub = self._subscribe(model, wid)
         try:
             self._initial_sync(sub, wait_for_first=had_no_weights)
         except BaseException:
@@ -304,39 +302,35 @@ class RedisWeightSyncScheme(WeightSyncScheme):
 
     # The context setter installs the safe-point hook once a collector is known
     # (MultiCollector workers set it late, in register_scheme_receiver).
-    def _get_context(self) -> Any:
-        return WeightSyncScheme.context.fget(self)
-
-    def _set_context(self, context: Any) -> None:
+    @WeightSyncScheme.context.setter
+    def context(self, context: Any) -> None:
         WeightSyncScheme.context.fset(self, context)
-        hook = getattr(self, "_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._hook = None
+        self._remove_hook()
         if not is_leaf_collector(context):
             return
         if self.initialized_on_receiver:
             self._hook = PreCollectHook(context, self._at_safe_point)
             set_collector_version(context, self.last_version)
-        elif self.initialized_on_sender and getattr(context, "policy_version_tracker", None) is not None:
-            # A trainer-side Collector adds a local +1 after send() (Collector.update_policy_weights_):
-            # re-assert the bus version at its next safe point.
-            self._hook = PreCollectHook(context, lambda: set_collector_version(self.context, self.last_version))
+        elif self.initialized_on_sender:  # a trainer-side Collector
+            self._hook = keep_bus_version(context, lambda: self.last_version)
 
-    context = property(_get_context, _set_context)
-
-    def _get_model(self) -> Any:
-        return WeightSyncScheme.model.fget(self)
-
-    def _set_model(self, model: Any) -> None:
-        ref = getattr(self, "_model_ref", None)
+    @WeightSyncScheme.model.setter
+    def model(self, model: Any) -> None:
+        ref = self._model_ref
         old = ref() if ref is not None else None
         WeightSyncScheme.model.fset(self, model)
-        if getattr(self, "_subscriber", None) is not None and model is not None and model is not old:
+        if self._subscriber is not None and model is not None and model is not old:
             # TorchRL's mp runner swaps in the collector's own copy of the policy after connect
             self._retarget(model)
 
-    model = property(_get_model, _set_model)
+    def _remove_hook(self) -> None:
+        hook = getattr(self, "_hook", None)  # shutdown() runs from __del__, maybe on a half-built scheme
+        if hook is not None:
+            hook.remove()
+            self._hook = None
+
+    def _subscribe(self, model: Any, worker_id: str) -> WeightSubscriber:
+        return WeightSubscriber(self.bus_config, target=model, worker_id=worker_id, apply=self.apply_mode).start()
 
     def _retarget(self, model: Any) -> None:
         old_sub = self._subscriber
@@ -348,11 +342,8 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         wid = old_sub.worker_id
         old_sub.close()
         if version is not None:  # carry the applied weights over, then follow the bus
-            dst = TensorDict.from_module(model) if isinstance(model, nn.Module) else model
-            src = TensorDict.from_module(self._target) if isinstance(self._target, nn.Module) else self._target
-            dst.data.update_(src.data)
-        sub = WeightSubscriber(self.bus_config, target=model, worker_id=wid, apply=self.apply_mode)
-        sub.start()
+            copy_weights(model, self._target)
+        sub = self._subscribe(model, wid)
         self._target = model
         self._subscriber = sub
         if version is not None:
@@ -443,6 +434,9 @@ class RedisWeightSyncScheme(WeightSyncScheme):
             raise RuntimeError("Must be initialized on receiver before receiving weights")
         if not self.synchronized_on_receiver:
             raise RuntimeError("Must be synchronized on receiver before receiving weights (call connect())")
+        return self._receive_now(timeout)
+
+    def _receive_now(self, timeout: float | None) -> Any:
         return None if self._apply_newest(timeout=timeout) is None else self._target
 
     @property
@@ -460,10 +454,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
 
     def shutdown(self) -> None:
         """Remove the safe-point hook, stop the listener, close the connections (idempotent)."""
-        hook = getattr(self, "_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._hook = None
+        self._remove_hook()
         self._sender_model = None
         for name in ("_subscriber", "_publisher"):
             obj = getattr(self, name, None)
@@ -471,4 +462,3 @@ class RedisWeightSyncScheme(WeightSyncScheme):
                 setattr(self, name, None)
                 obj.close()
         super().shutdown()
-

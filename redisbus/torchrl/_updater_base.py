@@ -10,20 +10,21 @@ importing this module never triggers TorchRL's deprecation warnings.
 from __future__ import annotations
 
 import abc
+import functools
 import sys
-import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ._common import HAS_TORCHRL
 
-_REGISTERED = False
-_REG_LOCK = threading.Lock()
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
+@functools.cache
 def _register_with_torchrl() -> None:
     """Make our updaters ``isinstance(x, torchrl.collectors.WeightUpdaterBase)`` (ABC registration).
 
@@ -32,21 +33,16 @@ def _register_with_torchrl() -> None:
     TorchRL's own subclasses, so this module neither subclasses it nor imports
     it at import time. Called when the first updater is created (by then the
     user has imported ``torchrl.collectors`` to build a Collector), or at import
-    when ``torchrl.collectors.weight_update`` is already loaded.
+    when ``torchrl.collectors.weight_update`` is already loaded. Registering
+    twice (two threads at once) is harmless.
     """
-    global _REGISTERED
-    if _REGISTERED or not HAS_TORCHRL:
+    if not HAS_TORCHRL:
         return
-    with _REG_LOCK:
-        if _REGISTERED:
-            return
-        try:
-            from torchrl.collectors.weight_update import WeightUpdaterBase as _TorchRLWeightUpdaterBase
-        except ImportError:  # a torchrl without the legacy API: our own base is enough
-            _REGISTERED = True
-            return
-        _TorchRLWeightUpdaterBase.register(WeightUpdaterBase)
-        _REGISTERED = True
+    try:
+        from torchrl.collectors.weight_update import WeightUpdaterBase as TorchRLWeightUpdaterBase
+    except ImportError:  # a torchrl without the legacy API: our own base is enough
+        return
+    TorchRLWeightUpdaterBase.register(WeightUpdaterBase)
 
 
 class WeightUpdaterBase(abc.ABC):
@@ -66,7 +62,7 @@ class WeightUpdaterBase(abc.ABC):
     _collector_ref: weakref.ReferenceType[Any] | None = None
     _post_hooks: list[Callable[[], Any]] | None = None
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> WeightUpdaterBase:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         _register_with_torchrl()
         return super().__new__(cls)
 
@@ -110,7 +106,6 @@ class WeightUpdaterBase(abc.ABC):
 
     def init(self, *args: Any, **kwargs: Any) -> None:
         """TorchRL calls it after registration; nothing to do."""
-        return None
 
     # -- post hooks -------------------------------------------------------------------------
 
@@ -156,19 +151,28 @@ class WeightUpdaterBase(abc.ABC):
             return [worker_ids]
         return list(worker_ids)
 
-    def _push_weights(self, *, policy_or_weights: Any = None, worker_ids: Any = None) -> Any:
-        server_weights = self._get_server_weights() if policy_or_weights is None else policy_or_weights
-        server_weights = self._maybe_map_weights(server_weights)
+    def _targets(self, worker_ids: Any) -> list[Any] | None:
+        """The workers named, else :meth:`all_worker_ids`, less the skipped; None: the one anonymous target."""
         ids = self._normalize_worker_ids(worker_ids)
         if ids is None:
             ids = self.all_worker_ids()
-        if ids is None:
+        return None if ids is None else [w for w in ids if not self._skip_update(w)]
+
+    def _server_weights(self, policy_or_weights: Any) -> Any:
+        """The weights given, else the server's; then mapped."""
+        return self._maybe_map_weights(self._get_server_weights() if policy_or_weights is None else policy_or_weights)
+
+    def _sync_targets(self, targets: list[Any] | None, server_weights: Any) -> Any:
+        if targets is None:
             return self._sync_weights_with_worker(worker_id=None, server_weights=server_weights)
         result = None
-        for worker_id in ids:
-            if not self._skip_update(worker_id):
-                result = self._sync_weights_with_worker(worker_id=worker_id, server_weights=server_weights)
+        for worker_id in targets:
+            result = self._sync_weights_with_worker(worker_id=worker_id, server_weights=server_weights)
         return result
+
+    def _push_weights(self, *, policy_or_weights: Any = None, worker_ids: Any = None) -> Any:
+        server_weights = self._server_weights(policy_or_weights)
+        return self._sync_targets(self._targets(worker_ids), server_weights)
 
     def push_weights(self, policy_or_weights: Any = None, worker_ids: Any = None) -> Any:
         """Update the workers named (all when None), then run the post hooks."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 from torch import nn
 
 from .. import defaults
@@ -18,15 +19,20 @@ from ..transport import RedisSource
 from ._common import (
     Freshness,
     PreCollectHook,
+    as_tensordict,
     as_weights,
     catch_up,
     check_apply_mode,
+    copy_weights,
     default_worker_id,
-    is_leaf_collector,
+    keep_bus_version,
     same_storage,
     set_collector_version,
 )
 from ._updater_base import WeightUpdaterBase
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _first_weights(policy_weights: Any) -> Any:
@@ -42,8 +48,36 @@ def _first_weights(policy_weights: Any) -> Any:
     return policy_weights
 
 
+class _BusUpdater(WeightUpdaterBase):
+    """What both bus updaters share: weights as TensorDicts, the bus version in a Collector's batches, ``with``."""
 
-class RedisWeightUpdater(WeightUpdaterBase):
+    _hook: PreCollectHook | None = None
+
+    @abc.abstractmethod
+    def _bus_version(self) -> int | None:
+        """The version a registered Collector's batches must carry."""
+
+    def _maybe_map_weights(self, server_weights: Any) -> Any:
+        """Modules become TensorDicts of their parameters and buffers; None stays None."""
+        return as_weights(server_weights)
+
+    def _on_register(self, collector: Any) -> None:
+        self._hook = keep_bus_version(collector, self._bus_version)
+
+    def close(self) -> None:
+        """Take the hook off the collector; subclasses release the bus too (idempotent)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisWeightUpdater(_BusUpdater):
     """Trainer side of the legacy API: each call publishes ONE new version to the bus.
 
     The bus is a broadcast medium: ``updater(worker_ids=[...])`` publishes once,
@@ -93,7 +127,6 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._registry_client: Any = None
         self._call_version: int | None = None
         self.last_version: int | None = None
-        self._hook: PreCollectHook | None = None
 
     def __repr__(self) -> str:
         return f"RedisWeightUpdater({self.config.redacted_url()!r}, namespace={self.namespace!r})"
@@ -123,9 +156,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             return c.get_model("policy")
         return None
 
-    def _maybe_map_weights(self, server_weights: Any) -> Any:
-        """Modules become TensorDicts of their parameters and buffers; None stays None."""
-        return as_weights(server_weights)
+    def _bus_version(self) -> int | None:
+        return self.last_version
 
     def _publish(self, server_weights: Any) -> int:
         meta = self.metadata() if callable(self.metadata) else self.metadata
@@ -142,19 +174,17 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._call_version = self._publish(server_weights)
         return self._call_version
 
+    def _targets(self, worker_ids: Any) -> list[Any] | None:
+        if worker_ids is None and not self.wait_for_workers:
+            return None  # listing the workers is a Redis read: only done to wait for them
+        return super()._targets(worker_ids) or None  # nobody left to wait for: still one publish
+
     def _push_weights(self, *, policy_or_weights: Any = None, worker_ids: Any = None) -> int:
         self._call_version = None
         try:
-            named = self._normalize_worker_ids(worker_ids)
-            # Listing workers is a Redis read: only done when waiting for them.
-            targets = named if named is not None else (self.all_worker_ids() if self.wait_for_workers else None)
-            targets = [w for w in targets if not self._skip_update(w)] if targets else None
-            server_weights = self._maybe_map_weights(
-                self._get_server_weights() if policy_or_weights is None else policy_or_weights
-            )
-            version = 0
-            for worker_id in targets or [None]:
-                version = self._sync_weights_with_worker(worker_id=worker_id, server_weights=server_weights)
+            targets = self._targets(worker_ids)
+            server_weights = self._server_weights(policy_or_weights)
+            version: int = self._sync_targets(targets, server_weights)
             self._update_local_copies(server_weights)
             if self.wait_for_workers and targets:
                 self._wait_for(targets, version, self.wait_for_workers)
@@ -167,12 +197,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
         """TorchRL's ``policy_weights`` semantics: the per-device copies follow, in place."""
         if weights is None or not isinstance(self.policy_weights, Mapping) or isinstance(self.policy_weights, TensorDictBase):
             return
-        src = weights if isinstance(weights, TensorDictBase) else TensorDict(dict(weights)).unflatten_keys(".")
+        src = as_tensordict(weights)
         for dest in self.policy_weights.values():
-            if isinstance(dest, nn.Module):
-                dest = TensorDict.from_module(dest)
-            if isinstance(dest, TensorDictBase) and not same_storage(dest, src):
-                dest.data.update_(src)
+            if isinstance(dest, (nn.Module, TensorDictBase)) and not same_storage(dest, src):
+                copy_weights(dest, src)
 
     def _wait_for(self, worker_ids: Sequence[Any], version: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -187,32 +215,18 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 raise TimeoutError(f"workers {sorted(pending)} did not report version {version} within {timeout}s")
             time.sleep(0.02)
 
-    def _on_register(self, collector: Any) -> None:
-        # A Collector adds a local +1 to its version after calling us (Collector.update_policy_weights_);
-        # re-assert the bus version at its next safe point so its batches carry the trainer's version.
-        if getattr(collector, "policy_version_tracker", None) is not None and is_leaf_collector(collector):
-            self._hook = PreCollectHook(collector, lambda: set_collector_version(collector, self.last_version))
-
     # -- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Finish a pending upload and release the connections (idempotent)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        super().close()
         self._publisher.close()
         if self._registry_client is not None:
             self._registry_client.close()
             self._registry_client = None
 
-    def __enter__(self) -> RedisWeightUpdater:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RedisLocalWeightUpdater(WeightUpdaterBase):
+class RedisLocalWeightUpdater(_BusUpdater):
     """Worker side of the legacy API: ``collector.update_policy_weights_()`` applies the newest version.
 
     A background listener pulls and verifies new versions as they are
@@ -242,6 +256,11 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
         SchemaMismatchError: the newest version does not fit the local weights
             (other refusals: ``CorruptBlobError``, ``SignatureError``, ...); the
             weights are unchanged.
+
+    Example:
+        >>> local = RedisLocalWeightUpdater(url="redis://bus:6379/0", namespace="ppo")  # doctest: +SKIP
+        >>> collector = Collector(env, policy, weight_updater=local, ...)  # doctest: +SKIP
+        >>> collector.update_policy_weights_()  # applies the newest version  # doctest: +SKIP
     """
 
     def __init__(
@@ -267,7 +286,6 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
         self.timeout = timeout
         self.initial_sync = initial_sync
         self._subscriber: WeightSubscriber | None = None
-        self._hook: PreCollectHook | None = None
         self._freshness = Freshness()
         self.policy_weights: Any = None
         if policy_weights is not None:
@@ -280,6 +298,9 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
     def version(self) -> int | None:
         """The version applied to the local weights, or None."""
         return None if self._subscriber is None else self._subscriber.version
+
+    def _bus_version(self) -> int | None:
+        return self.version
 
     def _start(self, target: Any) -> None:
         if not isinstance(target, (nn.Module, TensorDictBase)):
@@ -307,9 +328,7 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
                 self._collector_ref = None
                 raise
         set_collector_version(collector, self.version)
-        if getattr(collector, "policy_version_tracker", None) is not None and is_leaf_collector(collector):
-            # undo Collector.update_policy_weights_'s local +1 at the next safe point
-            self._hook = PreCollectHook(collector, lambda: set_collector_version(collector, self.version))
+        super()._on_register(collector)
 
     def _pull(self) -> int | None:
         sub = self._subscriber
@@ -324,15 +343,9 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
         if server_weights is not None:
             if self.policy_weights is None:
                 raise RuntimeError("no local weights to update: pass policy_weights or register a collector")
-            dest = self.policy_weights
-            dest = TensorDict.from_module(dest) if isinstance(dest, nn.Module) else dest
-            src = server_weights if isinstance(server_weights, TensorDictBase) else TensorDict(dict(server_weights)).unflatten_keys(".")
-            dest.data.update_(src)
+            copy_weights(self.policy_weights, server_weights)
             return None
         return self._pull()
-
-    def _maybe_map_weights(self, server_weights: Any) -> Any:
-        return as_weights(server_weights)
 
     def stats(self) -> dict[str, Any]:
         """The subscriber's counters (see :meth:`redisbus.WeightSubscriber.stats`)."""
@@ -340,15 +353,7 @@ class RedisLocalWeightUpdater(WeightUpdaterBase):
 
     def close(self) -> None:
         """Stop the listener and release the connection (idempotent)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        super().close()
         if self._subscriber is not None:
             self._subscriber.close()
             self._subscriber = None
-
-    def __enter__(self) -> RedisLocalWeightUpdater:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
