@@ -167,7 +167,8 @@ def test_register_collector_refuses_a_second(redis_url, namespace):
     a, b = C(), C()
     with RedisWeightUpdater(None, None, url=redis_url, namespace=namespace) as up:
         up.register_collector(a)
-        up.register_collector(a)  # the same one again: fine
+        with pytest.raises(RuntimeError, match="already registered"):
+            up.register_collector(a)  # the same one again: refused too
         with pytest.raises(RuntimeError, match="already registered"):
             up.register_collector(b)
         assert up.collector is a and up.collectors == [a]

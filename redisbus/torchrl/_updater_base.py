@@ -74,18 +74,17 @@ class WeightUpdaterBase(abc.ABC):
         return None
 
     def register_collector(self, collector: Any) -> None:
-        """Register the collector this updater serves; registering a different second one is refused.
+        """Register the collector this updater serves (a Collector does it once, when given the updater).
 
         Raises:
-            RuntimeError: another (live) collector is already registered.
+            RuntimeError: a collector was registered already, this one included: a
+                second registration is refused; create one updater per collector.
         """
-        current = self.collector
-        if current is collector:
-            return
-        if current is not None:
+        if self._collector_ref is not None:
+            current = self._collector_ref()
+            held = "a collector that is gone" if current is None else f"{type(current).__name__} at 0x{id(current):x}"
             raise RuntimeError(
-                f"{type(self).__name__} is already registered with {type(current).__name__} at "
-                f"0x{id(current):x}; create one updater per collector"
+                f"{type(self).__name__} is already registered with {held}; create one updater per collector"
             )
         self._collector_ref = weakref.ref(collector)
         self._on_register(collector)
