@@ -57,6 +57,14 @@ class WeightUpdaterBase(abc.ABC):
     ``torchrl.collectors.WeightUpdaterBase`` (virtual subclass, registered when
     the first instance is created, or at import if ``torchrl.collectors`` was
     imported first; ``issubclass`` on the classes is True from then on).
+
+    Example:
+        >>> class Printer(WeightUpdaterBase):
+        ...     def _sync_weights_with_worker(self, *, worker_id=None, server_weights):
+        ...         print(worker_id, server_weights)
+        >>> Printer()({"w": 1}, worker_ids=[0, 1])
+        0 {'w': 1}
+        1 {'w': 1}
     """
 
     _collector_ref: weakref.ReferenceType[Any] | None = None
