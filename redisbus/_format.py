@@ -83,7 +83,8 @@ def describe_event(e: dict[str, Any]) -> str:
                 f"by {publisher_name(e.get('publisher') or {})}){meta}")
     if kind == "applied":
         was = f"was v{e['previous']}" if e.get("previous") is not None else "first"
-        lag = f", {e['lag']} behind" if e.get("lag") else ""
+        lag = e.get("lag")
+        lag = f", {lag} behind" if lag and lag > 0 else f", {-lag} ahead of latest" if lag and lag < 0 else ""
         return f"{stamp}  {e['worker']} applied v{e['version']} ({was}{lag})"
     if kind == "joined":
         return f"{stamp}  {e['worker']} joined ({e['host']} pid {e['pid']}), nothing applied yet"

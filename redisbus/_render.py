@@ -159,14 +159,28 @@ def status(out: Terminal, st: Status) -> None:
     out.print(f"pin         {'v' + str(st.pin) + '  (workers held at or below it)' if st.pin is not None else 'none'}")
     kept = ", ".join(f"v{v}" for v in st.versions) or "none"
     out.print(f"versions    {len(st.versions)} kept ({kept}), {fmt.size(st.stored_bytes)}")
+    ahead = f", {st.workers_ahead} ahead of latest" if st.workers_ahead else ""
     out.print(
-        f"workers     {st.workers} reporting: {st.workers_current} current, {st.workers_lagging} behind, {st.workers_dead} dead"
+        f"workers     {st.workers} reporting: {st.workers_current} current, {st.workers_lagging} behind{ahead}, "
+        f"{st.workers_dead} dead"
     )
     for p in st.publishers:
         out.print(f"publisher   {p.publisher_id}  last v{p.version}, {fmt.age(p.age)} ago")
+    if st.workers_ahead:
+        _ahead_note(st.workers_ahead, st.latest)
     recent = [p for p in st.publishers if p.age < 600 and not p.publisher_id.startswith("redisbus-cli@")]
     if len({p.publisher_id for p in recent}) > 1:
         click.echo(f"warning: {len(recent)} publishers wrote to this namespace in the last 10 minutes", err=True)
+
+
+def _ahead_note(count: int, latest: int | None) -> None:
+    """On stderr: workers on a version newer than ``latest`` apply nothing until the versions pass theirs."""
+    than = f"than latest v{latest}" if latest is not None else "than any in the namespace"
+    click.echo(
+        f"note: {count} worker(s) run a version newer {than} (Redis restarted empty?); they apply nothing "
+        "until the published versions pass theirs: restart them to take latest now",
+        err=True,
+    )
 
 
 def versions(out: Terminal, infos: Sequence[VersionInfo], where: str) -> None:
@@ -285,7 +299,7 @@ def workers(
     for name in ("worker", "host", "pid", "version", "lag", "heartbeat", "applied", "errors", "state"):
         table.add_column(name, justify="right" if name in ("pid", "version", "lag", "errors") else "left", no_wrap=True)
     now = time.time()
-    colors = {"dead": "red", "lagging": "yellow", "pinned": "cyan", "waiting": "yellow", "current": "green"}
+    colors = {"dead": "red", "lagging": "yellow", "pinned": "cyan", "waiting": "yellow", "ahead": "magenta", "current": "green"}
     for w in rows:
         table.add_row(
             w.worker_id,
@@ -299,6 +313,9 @@ def workers(
             f"[{colors[w.state]}]{w.state.upper() if w.dead else w.state}[/{colors[w.state]}]",
         )
     out.print(table)
+    ahead = sum(w.state == "ahead" for w in rows)
+    if ahead:
+        _ahead_note(ahead, latest)
     if pruned:
         out.print(f"pruned {len(pruned)} dead worker(s): {', '.join(pruned)}")
 

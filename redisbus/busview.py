@@ -312,7 +312,7 @@ class BusView:
     # -- who is on the bus ----------------------------------------------------------------
 
     def workers(self, dead_after: float = defaults.DEAD_AFTER_SECONDS, now: float | None = None) -> list[WorkerStatus]:
-        """Every worker that reported: applied version, lag behind ``latest``, heartbeat age, dead or alive."""
+        """Every worker that reported: applied version, lag behind ``latest`` (negative: ahead of it), heartbeat age, dead or alive."""
         reports = list_workers(self.client, self.keys)
         latest, pin = self.head()
         return [WorkerStatus.from_report(r, latest, pin, dead_after, now or time.time()) for r in reports]
@@ -351,6 +351,7 @@ class BusView:
             workers_lagging=sum(w.state in ("lagging", "pinned", "waiting") for w in workers),
             workers_dead=sum(w.dead for w in workers),
             publishers=self.publishers(),
+            workers_ahead=sum(w.state == "ahead" for w in workers),
         )
 
     # -- following ------------------------------------------------------------------------
@@ -375,7 +376,8 @@ class BusView:
         * ``dead`` / ``alive``: a worker's heartbeat went stale / came back;
         * ``pin``: the pin was set, changed or removed (``version``, ``previous``).
 
-        The notify channel wakes it up; ``latest`` and the worker reports are
+        The notify channel wakes it up (subscribed with ``SSUBSCRIBE`` on a
+        Redis 7 cluster, where notices travel by ``SPUBLISH``); ``latest`` and the worker reports are
         also polled every ``poll_interval`` seconds, so a lost notice only
         delays an event. The starting point (latest, pin, worker reports) and
         the subscription are taken when ``watch`` is called, not at the first

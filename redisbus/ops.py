@@ -27,6 +27,7 @@ writing in :mod:`redisbus.weightfiles`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -104,18 +105,29 @@ class BusAdmin(BusView):
         return dead
 
     def _publisher(self, chunk_size: int | None = None) -> Any:
-        """A publisher on this admin's connection that never garbage-collects (``gc`` does that)."""
+        """A publisher on this admin's connection and with this admin's settings, that never garbage-collects.
+
+        Every setting (``wait_replicas``, ``wait_timeout``, ``replicas``,
+        ``signing_key``, ...) is this admin's, whatever ``REDISBUS_URL`` says:
+        the publisher is handed the admin's client, and for a client it would
+        otherwise take its settings from the environment. Only the chunk size
+        (the rolled-back version's) and ``keep_versions`` (``gc`` collects,
+        not ``rollback`` / ``import``) differ.
+        """
         from .publisher import WeightPublisher
 
-        return WeightPublisher(
+        settings = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config) if f.init}
+        settings.update(chunk_size=max(1024, chunk_size or self.config.chunk_size), keep_versions=_NO_GC_KEEP)
+        publisher = WeightPublisher(
             self.client,
-            namespace=self.namespace,
             publisher_id=f"redisbus-cli@{socket.gethostname()}",  # one report per host, not per run
-            chunk_size=max(1024, chunk_size or self.config.chunk_size),
-            keep_versions=_NO_GC_KEEP,
-            signing_key=self.config.signing_key,
-            socket_timeout=self.config.socket_timeout,
+            **settings,
         )
+        expected = self.config.with_options(chunk_size=settings["chunk_size"], keep_versions=_NO_GC_KEEP)
+        if publisher.config != expected:  # every field was given, so nothing can come from the environment
+            publisher.close()
+            raise ConfigError("the publisher of rollback / import did not take the admin's settings")  # pragma: no cover
+        return publisher
 
     def rollback(self, version: int | None, progress: Progress | None = None, metadata: Mapping[str, Any] | None = None) -> PublishResult:
         """Republish version ``version``'s weights, bit for bit, as a new (higher) version.

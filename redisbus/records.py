@@ -201,7 +201,13 @@ class DiffResult(_Record):
 
 @dataclass(frozen=True)
 class WorkerStatus(_Record):
-    """A worker's last report with its lag and liveness."""
+    """A worker's last report with its lag and liveness.
+
+    ``lag`` is ``latest`` minus the worker's version, as it is: negative for a
+    worker *ahead* of ``latest`` (Redis restarted empty and a restarted
+    trainer numbers from 1 again; such a worker applies nothing until the
+    versions pass its own), None when either is unknown.
+    """
 
     worker_id: str
     host: str
@@ -213,17 +219,21 @@ class WorkerStatus(_Record):
     applied_at: float | None
     errors: int
     dead: bool
-    state: str  # "dead", "waiting" (nothing applied yet), "pinned", "lagging", "current"
+    #: "dead", "waiting" (nothing applied yet), "ahead" (a version newer than ``latest``, or the namespace has no
+    #: ``latest`` at all), "pinned", "lagging", "current"
+    state: str
 
     @classmethod
     def from_report(cls, r: WorkerReport, latest: int | None, pin: int | None, dead_after: float, now: float) -> WorkerStatus:
         """The status of the worker behind report ``r``, given the namespace's ``latest`` and pin at time ``now``."""
-        lag = r.lag(latest)
+        lag = None if latest is None or r.version is None else latest - r.version  # not clamped: < 0 is ahead
         dead = r.is_dead(dead_after, now)
         if dead:
             state = "dead"
         elif r.version is None:
             state = "waiting"
+        elif lag is None or lag < 0:
+            state = "ahead"
         elif lag and pin is not None and r.version >= pin:
             state = "pinned"
         elif lag:
@@ -277,6 +287,8 @@ class Status(_Record):
     workers_lagging: int
     workers_dead: int
     publishers: list[PublisherStatus]
+    #: live workers on a version newer than ``latest`` (state ``ahead``): not current, not behind
+    workers_ahead: int = 0
 
 
 @dataclass(frozen=True)

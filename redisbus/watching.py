@@ -1,6 +1,7 @@
 """Following a namespace live: one event per commit, worker apply, pin change or heartbeat lost.
 
-The notify channel wakes the follower up; ``latest``, the pin and the worker
+The notify channel wakes the follower up (by ``SSUBSCRIBE`` on a Redis 7
+cluster, where notices travel by ``SPUBLISH``); ``latest``, the pin and the worker
 reports are also polled, so a lost notice only delays an event. Events are
 plain dicts (``event``, ``time`` and the event's fields), ready for JSON.
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ManifestError, VersionNotFoundError
 from .records import WorkerStatus, json_ready
-from .transport import read_manifest, translate_errors
+from .transport import read_manifest, translate_errors, uses_sharded_pubsub
 
 if TYPE_CHECKING:
     from .busview import BusView
@@ -40,16 +41,20 @@ def follow(
     """
     latest, pin = admin.head()
     known = {w.worker_id: w for w in admin.workers(dead_after)}
+    # A Redis 7 cluster carries notices by SPUBLISH (as the publisher and the workers decide): SSUBSCRIBE there.
+    sharded = uses_sharded_pubsub(admin.client)
     pubsub = admin.client.pubsub(ignore_subscribe_messages=True)
     with translate_errors("subscribing to notices", admin.client):
-        pubsub.subscribe(admin.keys.notify)
+        (pubsub.ssubscribe if sharded else pubsub.subscribe)(admin.keys.notify)
+    receive = pubsub.get_sharded_message if sharded else pubsub.get_message
     # everything above ran now; only the generator below waits for the caller's next()
-    return _events(admin, pubsub, latest or 0, pin, known, poll_interval, dead_after, timeout, clock)
+    return _events(admin, pubsub, receive, latest or 0, pin, known, poll_interval, dead_after, timeout, clock)
 
 
 def _events(
     admin: BusView,
     pubsub: Any,
+    receive: Callable[..., Any],
     seen_version: int,
     pin: int | None,
     known: dict[str, WorkerStatus],
@@ -68,7 +73,7 @@ def _events(
                 return
             wait = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - now))
             with translate_errors("waiting for notices", client):
-                message = pubsub.get_message(timeout=wait)
+                message = receive(timeout=wait)
             if message is None and clock() < next_poll:
                 continue
             next_poll = clock() + poll_interval

@@ -233,6 +233,32 @@ def test_rollback_makes_a_running_worker_apply_the_old_weights_under_a_new_versi
     assert [v.version for v in admin.list_versions()] == [1, 2, 3, 4]  # rollback never garbage-collects
 
 
+def wait_calls(redis_server) -> int:
+    """How many WAIT commands the server has run."""
+    return int(redis_server.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
+def test_rollback_and_import_publish_with_the_admins_settings_not_the_environments(url, redis_server, free_port, monkeypatch, tmp_path):
+    # REDISBUS_URL names another server, namespace and settings: none of it may reach the publisher
+    monkeypatch.setenv("REDISBUS_URL", f"redis://127.0.0.1:{free_port}/3?namespace=elsewhere&wait_timeout=9&chunk_size=4096")
+    publish_versions(url, 2)
+    path = tmp_path / "w.safetensors"
+    given_url = BusAdmin(f"{url}?wait_replicas=1&wait_timeout=0.2", namespace=NS)
+    given_client = BusAdmin(redis_server.client(), namespace=NS, wait_replicas=1, wait_timeout=0.2, grace_seconds=7)
+    for admin in (given_url, given_client):
+        with admin, admin._publisher(chunk_size=2048) as publisher:
+            assert publisher.config == admin.config.with_options(chunk_size=2048, keep_versions=publisher.config.keep_versions)
+            assert publisher._client is admin.client and publisher.config.wait_replicas == 1
+            before = wait_calls(redis_server)
+            rolled = admin.rollback(1)  # no replica acknowledges: the WAIT times out and the commit goes on
+            assert wait_calls(redis_server) == before + 1
+            admin.export(rolled.version, path)
+            assert admin.import_file(path).version == rolled.version + 1
+            assert wait_calls(redis_server) == before + 2
+    with BusAdmin(url, namespace=NS) as admin:
+        assert admin.head() == (6, None)
+
+
 def test_rollback_refuses_a_corrupt_version(url, admin, redis_server):
     publish_versions(url, 2)
     redis_server.client().setrange(KeySpace(NS).chunk(1, 0), 0, b"X")
@@ -334,6 +360,24 @@ def test_workers_show_lag_and_dead_workers_and_prune_them(url, admin, worker, re
     assert "old-1" not in {w.worker_id for w in admin.workers()}
 
 
+def test_a_worker_ahead_of_latest_after_redis_restarted_empty_is_shown_ahead_not_current(url, admin, worker, redis_server):
+    publish_versions(url, 3)
+    sub, _ = worker
+    sub.start()
+    assert sub.wait_for_version(3, timeout=10) == 3
+    redis_server.restart()  # persistence off: versions, latest and the worker reports are gone
+    assert wait_until(lambda: [w.version for w in admin.workers()] == [3], timeout=10)  # the worker re-reported
+    [w] = admin.workers()
+    assert (w.lag, w.state) == (None, "ahead")  # it holds a version the namespace does not have
+    publish_versions(url, 1, start_seed=20)  # a restarted trainer numbers from 1 again
+    [w] = admin.workers()
+    assert (w.version, w.lag, w.state) == (3, -2, "ahead") and w.to_dict()["lag"] == -2
+    st = admin.status()
+    assert (st.latest, st.workers, st.workers_current, st.workers_lagging, st.workers_ahead, st.workers_dead) == (1, 1, 0, 0, 1, 0)
+    assert st.to_dict()["workers_ahead"] == 1
+    assert sub.version == 3  # a worker never goes backwards
+
+
 def test_status_summarises_the_namespace(url, admin, worker):
     with pytest.raises(VersionNotFoundError):
         admin.status()
@@ -343,6 +387,7 @@ def test_status_summarises_the_namespace(url, admin, worker):
     sub.wait_for_version(2, timeout=10)
     assert wait_until(lambda: admin.status().workers_current == 1, timeout=5)
     st = admin.status()
+    assert st.workers_ahead == 0 and st.workers_lagging == 0
     assert st.latest == 2 and st.pin is None and st.versions == [1, 2] and st.stored_bytes > 0
     assert [p.publisher_id for p in st.publishers] == ["trainer-0"] and st.publishers[0].version == 2
 
@@ -455,6 +500,22 @@ def test_watch_reports_pin_changes_and_ends_at_its_timeout(url, admin):
     events = list(admin.watch(poll_interval=0.05, timeout=1.0))
     assert 0.9 < time.monotonic() - started < 3
     assert [(e["event"], e["version"], e["previous"]) for e in events] == [("pin", 1, None)]
+
+
+def test_watch_on_a_redis7_cluster_hears_the_sharded_notice_of_a_commit(cluster):
+    with BusAdmin(cluster.url, namespace=NS) as admin, WeightPublisher(cluster.url, namespace=NS, chunk_size=CHUNK) as pub:
+        if not uses_sharded_pubsub(admin.client):
+            pytest.skip("the cluster's servers are older than Redis 7: no sharded pub/sub")
+        pub.publish(make_policy(1))
+        # an hour between polls: only the commit's notice, sent by SPUBLISH on this cluster, can wake the watch in time
+        events = admin.watch(poll_interval=3600, timeout=20)
+        threading.Timer(0.3, lambda: pub.publish(make_policy(2), metadata={"step": 2})).start()
+        started = time.monotonic()
+        event = next(events, None)
+        elapsed = time.monotonic() - started
+        events.close()
+        assert event is not None and (event["event"], event["version"], event["metadata"]) == ("version", 2, {"step": 2})
+        assert elapsed < 10
 
 
 def test_admin_works_on_fakeredis(fake_redis):
