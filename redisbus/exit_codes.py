@@ -46,7 +46,7 @@ EXIT_CONNECTION = 4
 EXIT_REFUSED = 5
 EXIT_INTERRUPTED = 130
 
-#: Exit status -> meaning (documented in ``--help`` and docs/cli.md).
+#: Exit status -> meaning (documented in ``--help`` and the README).
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_VERIFY_FAILED: "verification failed: a bad chunk, manifest or signature",

@@ -811,12 +811,12 @@ def test_example_multisync(redis_url, namespace, script):
 
 
 def test_docs_show_the_examples_verbatim():
-    """docs/torchrl.md is copy-paste: every example script appears in it, whole."""
-    doc = (ROOT / "docs" / "torchrl.md").read_text()
+    """The README's TorchRL section is copy-paste: every example script appears in it, whole."""
+    doc = (ROOT / "README.md").read_text()
     scripts = sorted(EXAMPLES.glob("torchrl_*.py"))
     assert len(scripts) >= 6
     for script in scripts:
-        assert script.read_text().strip() in doc, f"{script.name} is not in docs/torchrl.md as it is"
+        assert script.read_text().strip() in doc, f"{script.name} is not in README.md as it is"
         assert script.name in doc
 
 
@@ -842,6 +842,6 @@ def _rendered_signature(cls) -> str:
 def test_docs_reference_matches_the_signatures():
     from redisbus.torchrl import RedisWeightSyncScheme
 
-    doc = " ".join((ROOT / "docs" / "torchrl.md").read_text().split())
+    doc = " ".join((ROOT / "README.md").read_text().split())
     for cls in (RedisWeightSyncScheme, RedisWeightUpdater, RedisLocalWeightUpdater):
         assert _rendered_signature(cls) in doc.replace("( ", "("), _rendered_signature(cls)
