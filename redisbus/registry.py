@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -72,45 +72,48 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+_Report = TypeVar("_Report", WorkerReport, PublisherReport)
+
+
+def _write(client: Any, hash_key: str, report: WorkerReport | PublisherReport, what: str) -> None:
+    body = asdict(report)
+    ident = body.pop(fields(report)[0].name)
+    with translate_errors(f"reporting {what} {ident!r}", client):
+        client.hset(hash_key, ident, msgpack.packb(body))
+
+
+def _read_all(client: Any, hash_key: str, kind: type[_Report], what: str) -> list[_Report]:
+    with translate_errors(f"listing {what}s", client):
+        raw = client.hgetall(hash_key)
+    id_field = fields(kind)[0].name
+    reports = []
+    for ident, value in raw.items():
+        body = _decode(value)
+        if body is None:
+            continue
+        try:
+            reports.append(kind(**{id_field: ident.decode("utf-8", "replace")}, **body))
+        except TypeError:
+            continue
+    return reports
+
+
 def report_worker(client: Any, keys: KeySpace, report: WorkerReport) -> None:
     """Record a worker's applied version and heartbeat."""
-    body = asdict(report)
-    worker_id = body.pop("worker_id")
-    with translate_errors(f"reporting worker {worker_id!r}", client):
-        client.hset(keys.workers, worker_id, msgpack.packb(body))
+    _write(client, keys.workers, report, "worker")
 
 
 def list_workers(client: Any, keys: KeySpace) -> list[WorkerReport]:
     """Every worker that reported, sorted by id; malformed reports are skipped."""
-    with translate_errors("listing workers", client):
-        raw = client.hgetall(keys.workers)
-    reports = []
-    for worker_id, value in raw.items():
-        body = _decode(value)
-        try:
-            reports.append(WorkerReport(worker_id=worker_id.decode("utf-8", "replace"), **body))  # type: ignore[arg-type]
-        except TypeError:
-            continue
-    return sorted(reports, key=lambda r: r.worker_id)
+    return sorted(_read_all(client, keys.workers, WorkerReport, "worker"), key=lambda r: r.worker_id)
 
 
 def report_publisher(client: Any, keys: KeySpace, report: PublisherReport) -> None:
     """Record a publisher's identity and last version."""
-    body = asdict(report)
-    publisher_id = body.pop("publisher_id")
-    with translate_errors(f"reporting publisher {publisher_id!r}", client):
-        client.hset(keys.publishers, publisher_id, msgpack.packb(body))
+    _write(client, keys.publishers, report, "publisher")
 
 
 def list_publishers(client: Any, keys: KeySpace) -> list[PublisherReport]:
     """Every publisher that reported, newest first; malformed reports are skipped."""
-    with translate_errors("listing publishers", client):
-        raw = client.hgetall(keys.publishers)
-    reports = []
-    for publisher_id, value in raw.items():
-        body = _decode(value)
-        try:
-            reports.append(PublisherReport(publisher_id=publisher_id.decode("utf-8", "replace"), **body))  # type: ignore[arg-type]
-        except TypeError:
-            continue
+    reports = _read_all(client, keys.publishers, PublisherReport, "publisher")
     return sorted(reports, key=lambda r: r.published_at, reverse=True)
