@@ -38,14 +38,14 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import redis
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
 from .errors import BusConnectionError, CorruptBlobError, PublishError, RedisBusError, VersionNotFoundError
 
-__all__ = ["fast_path_available", "read_chunks_into", "write_chunks"]
+__all__ = ["Payload", "fast_path_available", "payload_len", "read_chunks_into", "write_chunks"]
 
 #: Connection classes whose ``_sock`` we know how to drive directly (exact types, not subclasses:
 #: fakeredis' connection subclasses :class:`redis.connection.Connection`).
@@ -72,6 +72,8 @@ PLAIN_BATCH_BYTES = 64 * 1024 * 1024
 
 _CRLF = b"\r\n"
 _T = TypeVar("_T")
+#: A value to write: a byte view, or a tuple of byte views written back to back.
+Payload = Union[memoryview, "tuple[memoryview, ...]"]
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -110,21 +112,23 @@ def fast_path_available(client: Any) -> bool:
 
 def write_chunks(
     client: redis.Redis,
-    items: Sequence[tuple[str, memoryview]],
+    items: Sequence[tuple[str, Payload]],
     *,
     expire_seconds: float | None = None,
     connections: int = 1,
-    before_send: Callable[[str, memoryview], None] | None = None,
+    before_send: Callable[[str, Payload], None] | None = None,
 ) -> None:
     """``SET`` each key to its view's bytes, pipelined, without copying the payloads.
 
     Args:
         client: a redis-py client; connections come from its own pool.
         items: ``(key, view)`` pairs; each view must be C-contiguous (any
-            format; its raw bytes are stored).
+            format; its raw bytes are stored). A view may also be a tuple of
+            views: their bytes, back to back, make the value (sent without
+            joining them on the fast path).
         expire_seconds: if given, each key gets this time to live (``PX``).
         connections: number of pool connections used in parallel (threads).
-        before_send: called with ``(key, byte view)`` just before each payload
+        before_send: called with ``(key, byte view or tuple of them)`` just before each payload
             is sent (e.g. to checksum it while the previous one drains); from
             the sending thread, once per key and attempt.
 
@@ -135,7 +139,7 @@ def write_chunks(
             over ``proto-max-bulk-len``...); names the first failing key.
     """
     px = _expire_ms(expire_seconds)
-    views = [(key, _byte_view(view, writable=False)) for key, view in items]
+    views = [(key, _payload(view)) for key, view in items]
     if not views:
         return
     if not fast_path_available(client):
@@ -144,7 +148,7 @@ def write_chunks(
     _run_parallel(
         lambda part, stop: _with_connection(client, lambda conn: _write_on(conn, part, px, stop, before_send)),
         views,
-        [len(v) for _, v in views],
+        [payload_len(v) for _, v in views],
         connections,
     )
 
@@ -200,19 +204,20 @@ def read_chunks_into(
 
 def _write_chunks_plain(
     client: Any,
-    items: Sequence[tuple[str, memoryview]],
+    items: Sequence[tuple[str, Payload]],
     *,
     expire_seconds: float | None = None,
-    before_send: Callable[[str, memoryview], None] | None = None,
+    before_send: Callable[[str, Payload], None] | None = None,
 ) -> None:
     """Fallback of :func:`write_chunks`: redis-py pipelines of ``SET`` (copies, but works everywhere)."""
     px = _expire_ms(expire_seconds)
-    for batch in _batches(items, lambda item: len(item[1])):
+    for batch in _batches(items, lambda item: payload_len(item[1])):
         pipe = client.pipeline(transaction=False)
         for key, view in batch:
             if before_send is not None:
                 before_send(key, view)
-            pipe.set(key, view, px=px)  # byte-format view: redis-py's Python packer sends it uncopied
+            value = b"".join(view) if isinstance(view, tuple) else view
+            pipe.set(key, value, px=px)  # byte-format view: redis-py's Python packer sends it uncopied
         try:
             replies = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -281,6 +286,18 @@ def _expire_ms(expire_seconds: float | None) -> int | None:
     if not math.isfinite(expire_seconds) or expire_seconds <= 0:
         raise ValueError(f"expire_seconds must be a positive number, got {expire_seconds!r}")
     return max(1, round(expire_seconds * 1000))
+
+
+def _payload(view: Any) -> Payload:
+    """A value to write: one flat byte view, or a tuple of them (written back to back)."""
+    if isinstance(view, (tuple, list)):
+        return tuple(_byte_view(part, writable=False) for part in view)
+    return _byte_view(view, writable=False)
+
+
+def payload_len(payload: Payload) -> int:
+    """Bytes of a value to write (see :func:`write_chunks`)."""
+    return sum(len(part) for part in payload) if isinstance(payload, tuple) else len(payload)
 
 
 def _byte_view(view: Any, *, writable: bool) -> memoryview:
@@ -550,10 +567,10 @@ def _wire_errors(what: str, key: Callable[[], str]) -> Callable[[BaseException],
 
 def _write_on(
     conn: Connection,
-    items: Sequence[tuple[str, memoryview]],
+    items: Sequence[tuple[str, Payload]],
     px: int | None,
     stop: threading.Event,
-    before_send: Callable[[str, memoryview], None] | None = None,
+    before_send: Callable[[str, Payload], None] | None = None,
 ) -> Exception | None:
     """Pipelined raw ``SET``s on one connection.
 
@@ -598,11 +615,12 @@ def _write_on(
             if before_send is not None:
                 before_send(key, view)  # while the previous payload drains from the socket buffers
             key_b = encode(key)
-            size = len(view)
+            size = payload_len(view)
             pending.append((key, size))  # before sending: a refusal mid-payload is this key's
             pending_bytes += size
             wire.queue(b"%s$%d\r\n%s\r\n$%d\r\n" % (argc, len(key_b), key_b, size))
-            wire.send_view(view)
+            for part in view if isinstance(view, tuple) else (view,):
+                wire.send_view(part)
             wire.queue(trailer)
             while pending and (pending_bytes > WRITE_WINDOW_BYTES or len(pending) > MAX_INFLIGHT_COMMANDS):
                 wire.flush()

@@ -15,6 +15,7 @@ single thread. Pieces taken in turn degrade to one thread instead.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections import deque
@@ -26,7 +27,7 @@ import torch
 
 from .wire import TensorEntry
 
-__all__ = ["HostBuffer", "LazyFill", "copy_bytes"]
+__all__ = ["HostBuffer", "LazyFill", "TensorBlob", "copy_bytes"]
 
 #: Bytes per piece of a host copy: large enough to amortise taking a piece, small enough to share out.
 COPY_PIECE_BYTES = 4 * 1024 * 1024
@@ -192,6 +193,44 @@ class LazyFill:
                     self._buffer.view(entry).copy_(tensor.detach())  # strided, conjugate...: whole, typed
                 self._todo.popleft()
                 self._head = 0
+
+
+class TensorBlob:
+    """A blob's bytes read straight from the tensors' memory: no snapshot, no copy.
+
+    :meth:`views` returns the views that make up bytes ``[start, stop)`` of the
+    blob as laid out by ``entries``: slices of the tensors, and zero bytes for
+    the alignment padding between them. Only for tensors :meth:`supports`
+    (plain, dense CPU tensors), and only while nothing writes to them.
+    """
+
+    _ZEROS = memoryview(bytes(4096))
+
+    def __init__(self, entries: Sequence[TensorEntry], tensors: Sequence[torch.Tensor]) -> None:
+        self._parts = [(e.offset, e.nbytes, _as_bytes(t)) for e, t in zip(entries, tensors) if e.nbytes]
+        self._starts = [offset for offset, _, _ in self._parts]
+
+    @staticmethod
+    def supports(tensors: Sequence[torch.Tensor]) -> bool:
+        return all(t.device.type == "cpu" and (t.numel() == 0 or _byte_sliceable(t)) for t in tensors)
+
+    def views(self, start: int, stop: int) -> list[memoryview]:
+        out: list[memoryview] = []
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        pos = start
+        while pos < stop:
+            offset, nbytes, data = self._parts[i] if i < len(self._parts) else (stop, 0, None)
+            if pos < offset:  # padding before the next tensor
+                end = min(stop, offset, pos + len(self._ZEROS))
+                out.append(self._ZEROS[: end - pos])
+                pos = end
+            elif pos >= offset + nbytes:
+                i += 1
+            else:
+                end = min(stop, offset + nbytes)
+                out.append(memoryview(data[pos - offset : end - offset]))
+                pos = end
+        return out
 
 
 def _byte_sliceable(tensor: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .buffers import HostBuffer, LazyFill
+from .buffers import HostBuffer, LazyFill, TensorBlob
 from .errors import ConfigError, BusConnectionError, PublishError, RedisBusError
 from .registry import PublisherReport, identity, report_publisher
 from .retention import collect
@@ -121,9 +121,10 @@ class WeightPublisher:
         change the tensors), the upload and commit run in a background thread
         and a :class:`~concurrent.futures.Future` of the version number is
         returned; a second call waits for the first upload to finish before
-        taking its snapshot. A blocking publish of CPU tensors copies them
-        chunk by chunk just ahead of the upload, so the copy overlaps the
-        transfer: other threads must not change them until it returns.
+        taking its snapshot. A blocking publish of CPU tensors sends them
+        straight from their memory (or, when signing, copies them chunk by
+        chunk just ahead of the upload): other threads must not change them
+        until it returns.
 
         Args:
             weights: a TensorDict, an ``nn.Module`` or a mapping of tensors (any device).
@@ -155,18 +156,26 @@ class WeightPublisher:
         self._pending = self._uploader.submit(self._upload, entries, total, meta)
         return self._pending
 
-    def _take_snapshot(self, weights: Weights, *, lazy: bool = False) -> tuple[list[Any], int, LazyFill | None]:
-        """Lay out ``weights`` and copy them into the snapshot, or (``lazy``, CPU only) plan the copy for the upload."""
+    def _take_snapshot(
+        self, weights: Weights, *, lazy: bool = False
+    ) -> tuple[list[Any], int, LazyFill | TensorBlob | None]:
+        """Lay out ``weights`` and copy them into the snapshot; or (``lazy``: a blocking publish, CPU only) plan
+        to send them straight from their memory (:class:`TensorBlob`), or to copy them chunk by chunk as the
+        upload goes (:class:`LazyFill`: signing reads the whole blob; strided tensors)."""
         leaves = flatten_weights(weights)
         entries, total = plan_layout((key, t.dtype, t.shape) for key, t in leaves)
         on_cuda = any(t.is_cuda for _, t in leaves)
-        self._snapshot.reserve(total, pinned=on_cuda)
-        if all(t.device.type == "cpu" for _, t in leaves):
-            fill = LazyFill(self._snapshot, entries, [t for _, t in leaves])
+        tensors = [t for _, t in leaves]
+        if lazy and not self.config.signing_key and TensorBlob.supports(tensors):
+            return entries, total, TensorBlob(entries, tensors)  # sent from the tensors: no snapshot at all
+        if all(t.device.type == "cpu" for t in tensors):
+            self._snapshot.reserve(total)
+            fill = LazyFill(self._snapshot, entries, tensors)
             if lazy:
                 return entries, total, fill
             fill.fill_to(total)  # the whole snapshot now, memcpy shared with a helper thread
             return entries, total, None
+        self._snapshot.reserve(total, pinned=on_cuda)
         with torch.no_grad():
             for entry, (_, tensor) in zip(entries, leaves):
                 self._snapshot.view(entry).copy_(tensor.detach(), non_blocking=tensor.is_cuda)
@@ -188,7 +197,9 @@ class WeightPublisher:
         with self._lock:
             return self._upload_held(entries, total, metadata)
 
-    def _upload_held(self, entries: list[Any], total: int, metadata: dict[str, Any], fill: LazyFill | None = None) -> int:
+    def _upload_held(
+        self, entries: list[Any], total: int, metadata: dict[str, Any], fill: LazyFill | TensorBlob | None = None
+    ) -> int:
         try:
             return self._upload_locked(entries, total, metadata, fill)
         except PublishError:
@@ -196,21 +207,26 @@ class WeightPublisher:
         except RedisBusError as exc:
             raise PublishError(f"publish to namespace {self.keys.namespace!r} failed: {exc}") from exc
 
-    def _upload_locked(self, entries: list[Any], total: int, metadata: dict[str, Any], fill: LazyFill | None) -> int:
+    def _upload_locked(
+        self, entries: list[Any], total: int, metadata: dict[str, Any], fill: LazyFill | TensorBlob | None
+    ) -> int:
         chunk_size = self._effective_chunk_size()
         spans = chunk_spans(total, chunk_size)
-        blob = self._snapshot.memoryview()
+        direct = fill if isinstance(fill, TensorBlob) else None
+        lazy = fill if isinstance(fill, LazyFill) else None
+        blob = None if direct is not None else self._snapshot.memoryview()
         version = allocate_version(self._client, self.keys, self._last_version)
         sums: list[int | None] = [None] * len(spans)
         try:
-            # each chunk is copied in (lazy snapshot) and hashed just before it goes out
+            # each chunk is hashed just before it goes out, read from the tensors or copied in just ahead
             write_chunks(self._client, self.keys, version, blob, spans, checksums=sums,
-                         fill=None if fill is None else fill.fill_to)  # fmt: skip
+                         fill=None if lazy is None else lazy.fill_to,
+                         segments=None if direct is None else direct.views)  # fmt: skip
         except RedisBusError:
             self._discard_chunks(version, len(spans))
             raise
-        if fill is not None:
-            fill.fill_to(total)  # zero-byte tensors at the end; signing reads the whole blob
+        if lazy is not None:
+            lazy.fill_to(total)  # zero-byte tensors at the end; signing reads the whole blob
         checksums = tuple(int(c) for c in sums)  # type: ignore[arg-type]  # every slot is filled
         try:
             latest, created = self._commit(version, total, chunk_size, checksums, entries, metadata, blob)
@@ -253,7 +269,7 @@ class WeightPublisher:
         checksums: tuple[int, ...],
         entries: list[Any],
         metadata: dict[str, Any],
-        blob: memoryview,
+        blob: memoryview | None,
     ) -> tuple[int, float]:
         manifest = Manifest(
             version=version,

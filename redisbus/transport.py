@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Union
 
 import redis
+import xxhash
 from redis.cluster import RedisCluster
 
 from . import _resp
@@ -349,6 +350,7 @@ def write_chunks(
     spans: Sequence[tuple[int, int]],
     checksums: list[int | None] | None = None,
     fill: Callable[[int], None] | None = None,
+    segments: Callable[[int, int], Sequence[memoryview]] | None = None,
 ) -> None:
     """Store every chunk of ``blob`` under its chunk key.
 
@@ -356,21 +358,27 @@ def write_chunks(
     just before the chunk is sent, so hashing overlaps the upload instead of
     preceding it; every slot is filled on return. With ``fill``, ``fill(stop)``
     runs before a chunk ending at ``stop`` is hashed and sent, to write the
-    blob's bytes just ahead of the upload (it needs ``checksums``).
+    blob's bytes just ahead of the upload (it needs ``checksums``). With
+    ``segments``, the blob is not read at all (``blob`` may be None): chunk
+    ``(start, stop)`` is sent as the views ``segments(start, stop)`` returns,
+    back to back (the tensors' own memory: no snapshot copy).
 
     Raises:
         PublishError: with ``fill``, a chunk went out without its hook (never expected).
     """
-    items = [(keys.chunk(version, i), blob[start:stop]) for i, (start, stop) in enumerate(spans)]
+    if segments is not None:
+        items: list[tuple[str, Any]] = [(keys.chunk(version, i), tuple(segments(a, b))) for i, (a, b) in enumerate(spans)]
+    else:
+        items = [(keys.chunk(version, i), blob[start:stop]) for i, (start, stop) in enumerate(spans)]
     before_send = None
     if checksums is not None:
         index = {key: i for i, (key, _) in enumerate(items)}
 
-        def before_send(key: str, view: memoryview) -> None:
+        def before_send(key: str, view: Any) -> None:
             i = index[key]
             if fill is not None:
                 fill(spans[i][1])
-            checksums[i] = chunk_checksum(view)
+            checksums[i] = _checksum(view)
 
     with translate_errors(f"writing the chunks of version {version}", client):
         write_values(client, items, before_send=before_send)
@@ -379,7 +387,19 @@ def write_chunks(
             if checksums[i] is None:  # a path that sent without the hook: never leave a slot empty
                 if fill is not None:
                     raise PublishError(f"chunk {key!r} was sent before its bytes were written")
-                checksums[i] = chunk_checksum(view)
+                checksums[i] = _checksum(view)
+
+
+def _checksum(payload: Any) -> int:
+    """:func:`redisbus.wire.chunk_checksum` of a view, or of a tuple of views back to back."""
+    if not isinstance(payload, tuple):
+        return chunk_checksum(payload)
+    if len(payload) == 1:
+        return chunk_checksum(payload[0])
+    state = xxhash.xxh3_64()
+    for part in payload:
+        state.update(part)
+    return state.intdigest()
 
 
 def read_chunks_into(

@@ -256,3 +256,90 @@ def test_async_snapshot_is_taken_before_publish_returns(client):
     with WeightSubscriber(client, namespace=NS, target=target) as sub:
         assert sub.sync() == version
     assert (target == expected).all()
+
+
+# --------------------------------------------------------------------------- blocking publish straight from the tensors
+
+
+def _plain(seed: int) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "big": torch.randn(70_001, generator=g),  # spans chunks, odd length
+            "half": torch.randn(33, generator=g).to(torch.bfloat16),
+            "empty": torch.zeros(0),
+            "flags": torch.rand(13, generator=g) > 0.5,
+            "scalar": torch.tensor(float(seed)),
+            "codes": torch.randint(0, 9, (5, 3), generator=g, dtype=torch.int64),
+        },
+        batch_size=[],
+    )
+
+
+def test_tensor_blob_views_are_the_blob_bytes():
+    from redisbus.buffers import HostBuffer, TensorBlob
+    from redisbus.tensors import flatten_weights
+    from redisbus.wire import plan_layout
+
+    leaves = flatten_weights(_plain(4))
+    entries, total = plan_layout((k, t.dtype, t.shape) for k, t in leaves)
+    full = HostBuffer()
+    full.reserve(total)
+    full.bytes().zero_()  # padding: zeros, as TensorBlob sends it
+    for entry, (_, t) in zip(entries, leaves):
+        full.view(entry).copy_(t)
+    assert TensorBlob.supports([t for _, t in leaves])
+    blob = TensorBlob(entries, [t for _, t in leaves])
+    expected = bytes(full.memoryview())
+    rng = np.random.default_rng(0)
+    cuts = sorted({0, total, *(int(x) for x in rng.integers(0, total, 40))})
+    for a, b in zip(cuts, cuts[1:]):
+        assert b"".join(blob.views(a, b)) == expected[a:b], (a, b)
+    assert b"".join(blob.views(0, total)) == expected
+
+
+def test_tensor_blob_refuses_what_it_cannot_slice():
+    from redisbus.buffers import TensorBlob
+
+    assert not TensorBlob.supports([torch.zeros(3, 4).t()])
+    assert not TensorBlob.supports([torch.randn(3, dtype=torch.complex64).conj()])
+    assert TensorBlob.supports([torch.zeros(0), torch.zeros(2, 2)])
+
+
+def test_blocking_publish_of_plain_tensors_takes_no_snapshot(client):
+    target = _plain(0).apply(torch.zeros_like)
+    with WeightPublisher(client, namespace=NS, chunk_size=CHUNK) as pub, WeightSubscriber(
+        client, namespace=NS, target=target
+    ) as sub:
+        for seed in (1, 2):
+            assert pub.publish(_plain(seed)) == seed
+            assert pub._snapshot.capacity == 0  # sent from the tensors themselves
+            assert sub.sync() == seed
+            assert (target == _plain(seed)).all()
+        version = pub.publish(_plain(3), block=False).result()  # async: a snapshot, as before
+        assert pub._snapshot.capacity > 0
+        assert sub.sync() == version and (target == _plain(3)).all()
+
+
+def test_signed_blocking_publish_still_snapshots(client):
+    key = b"k" * 32
+    target = _plain(0).apply(torch.zeros_like)
+    with WeightPublisher(client, namespace=NS, chunk_size=CHUNK, signing_key=key) as pub, WeightSubscriber(
+        client, namespace=NS, target=target, signing_key=key
+    ) as sub:
+        assert pub.publish(_plain(1)) == 1
+        assert pub._snapshot.capacity > 0
+        assert sub.sync() == 1 and (target == _plain(1)).all()
+
+
+def test_multi_part_values_on_both_paths(client, fake_redis):
+    from redisbus.transport import _checksum
+
+    parts = (memoryview(b"abc"), memoryview(bytes(70_000)), memoryview(b""), memoryview(b"xyz" * 30_000))
+    joined = b"".join(parts)
+    assert _checksum(parts) == chunk_checksum(joined)
+    for c in (client, fake_redis):
+        seen = []
+        _resp.write_chunks(c, [("mp:1", parts), ("mp:2", memoryview(b"single"))], before_send=lambda k, v: seen.append(k))
+        assert c.get("mp:1") == joined and c.get("mp:2") == b"single"
+        assert seen == ["mp:1", "mp:2"]
