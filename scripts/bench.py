@@ -448,10 +448,11 @@ class Contender:
     name = ""
     label = ""
 
-    def __init__(self, url: str, model: torch.nn.Module, nbytes: int) -> None:
+    def __init__(self, url: str, model: torch.nn.Module, nbytes: int, target: TensorDict) -> None:
         self.url = url
         self.model = model
         self.nbytes = nbytes
+        self.target = target  # the worker's tensors (zeros, same layout; shared by the contenders, one at a time)
         self.samples = Samples()
 
     def setup(self) -> None:
@@ -502,13 +503,15 @@ class Raw(Contender):
         self.samples.pull.append(t2 - t1)
         self.samples.roundtrip.append(t2 - t0)
         self.samples.add("set_same_keys", t3 - t2)
-        if len(self.versions) > 3:
-            self.client.command(b"DEL", *self.versions[-4])
+        if len(self.versions) > 1:  # like a GC keeping the previous version (memory: 1 GiB policies)
+            self.client.command(b"DEL", *self.versions[-2])
+            self.versions[-2] = []
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            for keys in self.versions[-3:]:
-                self.client.command(b"DEL", *keys)
+            for keys in self.versions[-2:]:
+                if keys:
+                    self.client.command(b"DEL", *keys)
         self.client.close()
 
 
@@ -518,7 +521,7 @@ class Naive(Contender):
     def setup(self) -> None:
         self.client = redis.Redis.from_url(self.url)
         self.key = f"bench:naive:{uuid.uuid4().hex[:6]}"
-        self.target = {k: torch.zeros_like(v) for k, v in self.model.state_dict().items()}
+        self.by_name = dict(self.target.flatten_keys(".").items())  # state_dict names -> the worker's tensors
 
     def round(self) -> None:
         t0 = time.perf_counter()
@@ -530,7 +533,7 @@ class Naive(Contender):
         loaded = torch.load(io.BytesIO(self.client.get(self.key)), weights_only=True)
         with torch.no_grad():
             for k, v in loaded.items():
-                self.target[k].copy_(v)
+                self.by_name[k].copy_(v)
         del loaded
         t2 = time.perf_counter()
         self.samples.publish.append(t1 - t0)
@@ -562,7 +565,6 @@ class TDStore(Contender):
             kwargs.update(ssl=True, ssl_ca_certs=cfg.ssl_ca_certs)
         self.store = TensorDictStore(**kwargs)
         self.src = TensorDict.from_module(self.model)
-        self.target = self.src.clone().zero_()
 
     def round(self) -> None:
         t0 = time.perf_counter()
@@ -669,23 +671,21 @@ class RedisBus(Contender):
 
     def setup(self) -> None:
         self.ns = f"bench-{uuid.uuid4().hex[:6]}"
-        # grace 2 s instead of 60: evicted versions of a 1 GiB policy must not pile up in Redis
-        self.pub = WeightPublisher(self.url, namespace=self.ns, grace_seconds=2.0)
-        self.async_pub = WeightPublisher(self.url, namespace=self.ns + "-async", grace_seconds=2.0)
+        # keep 2, grace 1 s instead of 3 and 60 s: evicted versions of a 1 GiB policy must not pile up in
+        # this machine's memory (GC does the same work whatever the settings)
+        self.pub = WeightPublisher(self.url, namespace=self.ns, keep_versions=2, grace_seconds=1.0)
         self.src = TensorDict.from_module(self.model)
-        self.target = self.src.clone().zero_()
         self.sub = WeightSubscriber(self.url, namespace=self.ns, target=self.target)
         # warm-up: fault in the snapshot and staging buffers once, as any long-running process would
         self.pub.publish(self.src)
         self.sub.sync()
-        self.async_pub.publish(self.src)
 
     def round(self) -> None:
         import redisbus.publisher as P
         import redisbus.subscriber as S
 
         totals: dict[str, float] = {}
-        with _Timed(P, "write_chunks", totals, "pub_copy_hash_upload"), _Timed(P, "commit_version", totals, "pub_commit"), \
+        with _Timed(P, "write_chunks", totals, "pub_hash_upload"), _Timed(P, "commit_version", totals, "pub_commit"), \
                 _Timed(P, "collect", totals, "pub_gc"), _Timed(S, "read_chunks_into", totals, "pull_network_verify"), \
                 _Timed(S, "verify_chunks", totals, "pull_verify"), _Timed(self.sub, "_apply_staged", totals, "pull_apply"):  # fmt: skip
             t0 = time.perf_counter()
@@ -702,7 +702,7 @@ class RedisBus(Contender):
             self.samples.add(k, v)
         # asynchronous publish: the caller is blocked for the snapshot only
         t0 = time.perf_counter()
-        future = self.async_pub.publish(self.src, block=False)
+        future = self.pub.publish(self.src, block=False)
         t1 = time.perf_counter()
         future.result()
         t2 = time.perf_counter()
@@ -712,7 +712,6 @@ class RedisBus(Contender):
     def close(self) -> None:
         self.sub.close()
         self.pub.close()
-        self.async_pub.close()
 
 
 CONTENDERS: dict[str, type[Contender]] = {
@@ -720,7 +719,8 @@ CONTENDERS: dict[str, type[Contender]] = {
 }
 
 
-def run_throughput(url: str, sizes: Sequence[int], repeats: int, contenders: Sequence[str]) -> dict[str, Any]:
+def run_throughput(url: str, sizes: Sequence[int], repeats: int, contenders: Sequence[str],
+                   torchrl_max: int = 1 << 62) -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {}
     flush = redis.Redis.from_url(url)
     for size in sizes:
@@ -728,9 +728,13 @@ def run_throughput(url: str, sizes: Sequence[int], repeats: int, contenders: Seq
         flush.flushdb()
         model = big_policy(size)
         nbytes = policy_bytes(model)
+        target = TensorDict.from_module(model).apply(torch.zeros_like)
         runners: list[Contender] = []
         for name in contenders:
-            runner = CONTENDERS[name](url, model, nbytes)
+            if name.startswith("torchrl") and size > torchrl_max:
+                results.setdefault(str(size), {})[name] = {"error": f"skipped above {human(torchrl_max)} (--torchrl-max-size)"}
+                continue
+            runner = CONTENDERS[name](url, model, nbytes, target)
             try:
                 runner.setup()
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
@@ -768,7 +772,7 @@ def run_throughput(url: str, sizes: Sequence[int], repeats: int, contenders: Seq
             }
             with contextlib.suppress(Exception):
                 runner.close()
-        del runners, model
+        del runners, model, target
         gc.collect()
         flush.flushdb()
     flush.close()
@@ -1002,9 +1006,10 @@ def _memory_publisher(url: str, ns: str, size: int, versions: int, conn: Any, re
     pub = WeightPublisher(url, namespace=ns, grace_seconds=1.0)
     reset_peak_rss()
     samples = []
-    for _ in range(versions):
+    for i in range(versions):
         bump(model)
-        version = pub.publish(src)
+        # alternately blocking (sent from the tensors) and not (a snapshot copy, then a background upload)
+        version = pub.publish(src) if i % 2 else pub.publish(src, block=False).result()
         conn.send(version)
         conn.recv()
         samples.append(rss_bytes()["VmRSS"] - base["VmRSS"])
@@ -1060,34 +1065,20 @@ def run_memory(url: str, size: int, versions: int) -> dict[str, Any]:
     return out
 
 
-def run_checksum(url: str, size: int, transfer: dict[str, float | None], rounds: int = 5) -> dict[str, Any]:
-    """What verification costs: xxh3 over ``size`` bytes on its own (against transfer times of that size),
-    and the time it adds to a pull (chunks read with and without the per-chunk check, interleaved)."""
-    from redisbus.transport import read_chunks_into
+def run_checksum(url: str, size: int, transfer: dict[str, float | None], rounds: int = 7) -> dict[str, Any]:
+    """What verification costs: the time it adds to a pull (chunks read with and without the per-chunk
+    check, interleaved), and xxh3 over ``size`` bytes on its own against transfer times of that size."""
+    from redisbus.transport import read_chunks_into, read_manifest
     from redisbus.wire import verify_chunks
 
-    log(f"checksum: xxh3 over {human(size)}, and a pull of {human(size)} with and without verification")
+    log(f"checksum: a pull of {human(size)} with and without verification, and xxh3 over it")
     model = big_policy(size)
     nbytes = policy_bytes(model)
     ns = f"bench-cs-{uuid.uuid4().hex[:6]}"
     with WeightPublisher(url, namespace=ns, grace_seconds=1.0) as pub:
         version = pub.publish(model)
-        blob = pub._snapshot.memoryview()
-        spans = chunk_spans(nbytes, CHUNK)
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for a, b in spans:
-                chunk_checksum(blob[a:b])
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
-        out: dict[str, Any] = {"bytes": nbytes, "xxh3_s": seconds, "xxh3_gbps": nbytes / seconds / 1e9}
-        for name, gb_per_s in transfer.items():
-            if gb_per_s:
-                transfer_s = nbytes / (gb_per_s * 1e9)
-                out[f"vs_{name}"] = {"transfer_s": transfer_s, "fraction": seconds / transfer_s}
-        from redisbus.transport import read_manifest
-
+        del model
+        gc.collect()
         manifest, _ = read_manifest(pub._client, pub.keys, version, pub.config)
         staging = torch.zeros(nbytes, dtype=torch.uint8)
         dst = memoryview(staging.numpy())
@@ -1098,13 +1089,25 @@ def run_checksum(url: str, size: int, transfer: dict[str, float | None], rounds:
                 t0 = time.perf_counter()
                 read_chunks_into(pub._client, pub.keys, manifest, dst, verify=verify_chunks if verify else None)
                 (with_v if verify else without).append(time.perf_counter() - t0)
-        base = statistics.median(without)
-        added = statistics.median(with_v) - base
-        out["pull_without_verify_s"] = base
-        out["pull_with_verify_s"] = statistics.median(with_v)
-        out["added_s"] = added
-        out["added_fraction"] = added / base
-    del model, staging
+    spans = chunk_spans(nbytes, CHUNK)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for a, b in spans:
+            chunk_checksum(dst[a:b])
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    base = statistics.median(without)
+    out: dict[str, Any] = {
+        "bytes": nbytes, "xxh3_s": seconds, "xxh3_gbps": nbytes / seconds / 1e9,
+        "pull_without_verify_s": base, "pull_with_verify_s": statistics.median(with_v),
+        "added_s": statistics.median(with_v) - base, "added_fraction": (statistics.median(with_v) - base) / base,
+    }  # fmt: skip
+    for name, gb_per_s in {**transfer, "pull without verification": nbytes / base / 1e9}.items():
+        if gb_per_s:
+            transfer_s = nbytes / (gb_per_s * 1e9)
+            out[f"vs_{name}"] = {"transfer_s": transfer_s, "fraction": seconds / transfer_s}
+    del staging
     gc.collect()
     return out
 
@@ -1337,6 +1340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="policy sizes for the throughput table, e.g. 256M,1G (default 256M,1G; quick 16M)")
     p.add_argument("--repeats", type=int, help="interleaved rounds per size (default 7; quick 3)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {','.join(CONTENDERS)}")
+    p.add_argument("--torchrl-max-size", default="256M",
+                   help="largest policy the TorchRL same-host schemes run at (each needs a worker process holding "
+                        "a copy; default 256M)")  # fmt: skip
     p.add_argument("--subscribers", type=int, default=8, help="subscriber processes in the latency test (default 8)")
     p.add_argument("--publishes", type=int, help="measured publishes per latency run (default 200; quick 30)")
     p.add_argument("--fanout-size", help="policy size of the fan-out test (default 64M; quick 16M)")
@@ -1388,7 +1394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe.close()
         mp_context()
         if "throughput" in sections:
-            results["throughput"] = run_throughput(url, sizes, repeats, contenders)
+            results["throughput"] = run_throughput(url, sizes, repeats, contenders, parse_size(args.torchrl_max_size))
             results["ratios"] = compute_ratios(results["throughput"])
         if "latency" in sections:
             configs = [(kind, mode, args.subscribers) for kind in ("100K", "1M") for mode in ("immediate", "on_sync")]
@@ -1407,8 +1413,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 largest = tp[str(max(int(k) for k in tp))]
                 transfer["raw GET"] = largest.get("raw", {}).get("pull_gbps")
                 transfer["redisbus pull"] = largest.get("redisbus", {}).get("pull_gbps")
-            if not any(transfer.values()):
-                transfer = {"1 GB/s transfer": 1.0}
             results["checksum"] = run_checksum(url, cs_size, transfer)
     results["loadavg_after"] = machine().get("loadavg", [])
     results["targets"] = evaluate(results)
