@@ -58,6 +58,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -414,6 +415,32 @@ def small_policy(kind: str) -> torch.nn.Module:
     return torch.nn.Sequential(*layers[:-1])
 
 
+def policy_blob(model: torch.nn.Module) -> torch.Tensor:
+    """The policy's tensors' bytes laid end to end (what the raw ceiling moves)."""
+    leaves = list(TensorDict.from_module(model).values(include_nested=True, leaves_only=True))
+    blob = torch.empty(sum(t.numel() * t.element_size() for t in leaves), dtype=torch.uint8)
+    offset = 0
+    for t in leaves:
+        n = t.numel() * t.element_size()
+        blob[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        offset += n
+    return blob
+
+
+def wait_ready(queue: Any, count: int, procs: Sequence[Any], what: str, timeout: float = 300.0) -> None:
+    """Take ``count`` items from ``queue``, failing fast if one of ``procs`` died first."""
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < count:
+        try:
+            queue.get(timeout=1.0)
+            got += 1
+        except Exception:  # noqa: BLE001 - queue.Empty
+            dead = [p for p in procs if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: {len(dead)} worker process(es) died before they were ready") from None
+
+
 def policy_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -474,12 +501,7 @@ class Raw(Contender):
 
     def setup(self) -> None:
         self.client = RawClient(self.url)
-        self.blob = torch.empty(self.nbytes, dtype=torch.uint8)
-        offset = 0
-        for t in TensorDict.from_module(self.model).values(include_nested=True, leaves_only=True):
-            n = t.numel() * t.element_size()
-            self.blob[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
-            offset += n
+        self.blob = policy_blob(self.model)
         self.dst = torch.zeros(self.nbytes, dtype=torch.uint8)  # preallocated, faulted in
         self.prefix = f"bench:raw:{uuid.uuid4().hex[:6]}"
         self.spans = chunk_spans(self.nbytes, CHUNK)
@@ -856,36 +878,38 @@ def run_latency(url: str, configs: Sequence[tuple[str, str, int]], publishes: in
                              daemon=True) for i in range(subscribers)]  # fmt: skip
         for p in procs:
             p.start()
-        for _ in procs:
-            ready.get(timeout=120)
-        sent: dict[int, float] = {}
-        call_ms: list[float] = []
-        with WeightPublisher(url, namespace=ns) as pub:
-            for i in range(warmup + publishes):
-                bump(policy)
-                t0 = time.perf_counter()
-                version = pub.publish(src)
-                call_ms.append((time.perf_counter() - t0) * 1e3)
-                if i >= warmup:
-                    sent[version] = t0
-                for _ in procs:  # every worker applied it (a missed notice shows as a late apply)
-                    done.acquire(timeout=10)
-                time.sleep(0.002)  # let the workers' post-apply reports settle before the next version
-        stop.set()
-        while done.acquire(timeout=0):  # releases of versions not waited for (none expected)
-            pass
-        per_worker: list[float] = []
-        all_applied: dict[int, float] = {}
-        got = 0
-        for _ in procs:
-            with contextlib.suppress(Exception):
-                _, times = results.get(timeout=30)
-                got += 1
-                for version, t in times:
-                    if version in sent:
-                        per_worker.append((t - sent[version]) * 1e3)
-                        all_applied[version] = max(all_applied.get(version, 0.0), t)
-        _stop_all(procs)
+        try:
+            wait_ready(ready, len(procs), procs, "latency")
+            sent: dict[int, float] = {}
+            call_ms: list[float] = []
+            with WeightPublisher(url, namespace=ns) as pub:
+                for i in range(warmup + publishes):
+                    bump(policy)
+                    t0 = time.perf_counter()
+                    version = pub.publish(src)
+                    call_ms.append((time.perf_counter() - t0) * 1e3)
+                    if i >= warmup:
+                        sent[version] = t0
+                    for _ in procs:  # every worker applied it (a missed notice shows as a late apply)
+                        done.acquire(timeout=10)
+                    time.sleep(0.002)  # let the workers' post-apply reports settle before the next version
+            stop.set()
+            while done.acquire(timeout=0):  # releases of versions not waited for (none expected)
+                pass
+            per_worker: list[float] = []
+            all_applied: dict[int, float] = {}
+            got = 0
+            for _ in procs:
+                with contextlib.suppress(Exception):
+                    _, times = results.get(timeout=30)
+                    got += 1
+                    for version, t in times:
+                        if version in sent:
+                            per_worker.append((t - sent[version]) * 1e3)
+                            all_applied[version] = max(all_applied.get(version, 0.0), t)
+        finally:
+            stop.set()
+            _stop_all(procs)
         last = [(t - sent[v]) * 1e3 for v, t in all_applied.items()]
         missed = publishes * subscribers - len(per_worker)
         out[f"{kind}/{mode}/{subscribers}"] = {
@@ -945,7 +969,7 @@ def run_fanout(url: str, size: int, workers: int, rounds: int, kinds: Sequence[s
     raw_ns = f"bench-fanraw-{uuid.uuid4().hex[:6]}"
     if "raw" in kinds:
         raw = RawClient(url)
-        blob = memoryview(pub._snapshot.bytes().numpy() if pub is not None else torch.zeros(nbytes, dtype=torch.uint8).numpy())
+        blob = memoryview(policy_blob(model).numpy())
         spans = chunk_spans(nbytes, CHUNK)
         raw.set_chunks([f"{raw_ns}:{i}".encode() for i in range(len(spans))], [blob[a:b] for a, b in spans])
         raw.close()
@@ -959,8 +983,8 @@ def run_fanout(url: str, size: int, workers: int, rounds: int, kinds: Sequence[s
         for p in procs:
             p.start()
         groups[kind] = (barrier, procs)
-    for _ in range(workers * len(kinds)):
-        ready.get(timeout=300)  # every worker warm (it holds the current version) before the first round
+    # every worker warm (it holds the current version) before the first round
+    wait_ready(ready, workers * len(kinds), [p for _, procs in groups.values() for p in procs], "fan-out")
     agg: dict[str, list[float]] = {k: [] for k in kinds}
     spread: dict[str, list[float]] = {k: [] for k in kinds}
     try:
@@ -1359,6 +1383,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the private server and every worker process are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     q = args.quick
     sizes = [parse_size(s) for s in (args.sizes or ("16M" if q else "256M,1G")).split(",") if s.strip()]
     repeats = args.repeats or (3 if q else 7)
