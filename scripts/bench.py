@@ -86,6 +86,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = redisbus.defaults.CHUNK_SIZE
 SECTIONS = ("throughput", "latency", "fanout", "memory", "checksum")
+#: Every key this run writes contains it, so a server given by --url is cleaned of exactly those.
+RUN_ID = uuid.uuid4().hex[:8]
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -242,6 +244,21 @@ def redis_server(binary: str) -> Iterator[str]:
             proc.kill()
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clear(client: redis.Redis, owned: bool) -> None:
+    """Empty our private server; on a server given by --url, delete only this run's keys."""
+    if owned:
+        client.flushdb()
+        return
+    batch = []
+    for key in client.scan_iter(match=f"*{RUN_ID}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.unlink(*batch)
+            batch = []
+    if batch:
+        client.unlink(*batch)
 
 
 def server_version(client: redis.Redis) -> str:
@@ -504,7 +521,7 @@ class Raw(Contender):
         self.client = RawClient(self.url)
         self.blob = policy_blob(self.model)
         self.dst = torch.zeros(self.nbytes, dtype=torch.uint8)  # preallocated, faulted in
-        self.prefix = f"bench:raw:{uuid.uuid4().hex[:6]}"
+        self.prefix = f"bench:{RUN_ID}:raw:{uuid.uuid4().hex[:6]}"
         self.spans = chunk_spans(self.nbytes, CHUNK)
         src_mv = memoryview(self.blob.numpy())
         dst_mv = memoryview(self.dst.numpy())
@@ -544,7 +561,7 @@ class Naive(Contender):
 
     def setup(self) -> None:
         self.client = redis.Redis.from_url(self.url)
-        self.key = f"bench:naive:{uuid.uuid4().hex[:6]}"
+        self.key = f"bench:{RUN_ID}:naive:{uuid.uuid4().hex[:6]}"
         self.by_name = dict(self.target.flatten_keys(".").items())  # state_dict names -> the worker's tensors
 
     def round(self) -> None:
@@ -576,7 +593,7 @@ class TDStore(Contender):
         from tensordict.store import TensorDictStore
 
         cfg = BusConfig.from_url(self.url)
-        kwargs: dict[str, Any] = {"db": cfg.db, "prefix": "bench-td", "td_id": uuid.uuid4().hex, "batch_size": []}
+        kwargs: dict[str, Any] = {"db": cfg.db, "prefix": f"bench-{RUN_ID}-td", "td_id": uuid.uuid4().hex, "batch_size": []}
         if cfg.unix_socket_path:
             kwargs["unix_socket_path"] = cfg.unix_socket_path
         else:
@@ -694,7 +711,7 @@ class RedisBus(Contender):
     name, label = "redisbus", "redisbus"
 
     def setup(self) -> None:
-        self.ns = f"bench-{uuid.uuid4().hex[:6]}"
+        self.ns = f"bench-{RUN_ID}-{uuid.uuid4().hex[:6]}"
         # keep 2, grace 1 s instead of 3 and 60 s: evicted versions of a 1 GiB policy must not pile up in
         # this machine's memory (GC does the same work whatever the settings)
         self.pub = WeightPublisher(self.url, namespace=self.ns, keep_versions=2, grace_seconds=1.0)
@@ -744,12 +761,12 @@ CONTENDERS: dict[str, type[Contender]] = {
 
 
 def run_throughput(url: str, sizes: Sequence[int], repeats: int, contenders: Sequence[str],
-                   torchrl_max: int = 1 << 62) -> dict[str, Any]:  # fmt: skip
+                   torchrl_max: int = 1 << 62, owned: bool = True) -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {}
     flush = redis.Redis.from_url(url)
     for size in sizes:
         log(f"throughput: {human(size)} policy, {repeats} rounds of {', '.join(contenders)}")
-        flush.flushdb()
+        clear(flush, owned)
         model = big_policy(size)
         nbytes = policy_bytes(model)
         target = TensorDict.from_module(model).apply(torch.zeros_like)
@@ -798,7 +815,7 @@ def run_throughput(url: str, sizes: Sequence[int], repeats: int, contenders: Seq
                 runner.close()
         del runners, model, target
         gc.collect()
-        flush.flushdb()
+        clear(flush, owned)
     flush.close()
     return results
 
@@ -873,7 +890,7 @@ def run_latency(url: str, configs: Sequence[tuple[str, str, int]], publishes: in
         nbytes = policy_bytes(policy)
         src = TensorDict.from_module(policy)
         log(f"latency: {kind} MLP ({human(nbytes)}), {subscribers} subscribers, apply={mode}, {publishes} publishes")
-        ns = f"bench-lat-{uuid.uuid4().hex[:6]}"
+        ns = f"bench-{RUN_ID}-lat-{uuid.uuid4().hex[:6]}"
         done = ctx.Semaphore(0)
         ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
         procs = [ctx.Process(target=_latency_worker, args=(url, ns, kind, mode, i, done, ready, results, stop),
@@ -964,11 +981,11 @@ def run_fanout(url: str, size: int, workers: int, rounds: int, kinds: Sequence[s
     model = big_policy(size)
     nbytes = policy_bytes(model)
     src = TensorDict.from_module(model)
-    ns = f"bench-fan-{uuid.uuid4().hex[:6]}"
+    ns = f"bench-{RUN_ID}-fan-{uuid.uuid4().hex[:6]}"
     pub = WeightPublisher(url, namespace=ns, grace_seconds=5.0) if "redisbus" in kinds else None
     if pub is not None:
         pub.publish(src)
-    raw_ns = f"bench-fanraw-{uuid.uuid4().hex[:6]}"
+    raw_ns = f"bench-{RUN_ID}-fanraw-{uuid.uuid4().hex[:6]}"
     if "raw" in kinds:
         raw = RawClient(url)
         blob = memoryview(policy_blob(model).numpy())
@@ -1068,7 +1085,7 @@ def run_memory(url: str, size: int, versions: int) -> dict[str, Any]:
     ctx = mp_context()
     nbytes = policy_bytes(big_policy(size))
     log(f"memory: {human(nbytes)} policy, {versions} versions, publisher and worker in their own processes")
-    ns = f"bench-mem-{uuid.uuid4().hex[:6]}"
+    ns = f"bench-{RUN_ID}-mem-{uuid.uuid4().hex[:6]}"
     a, b = ctx.Pipe()
     results = ctx.Queue()
     procs = [ctx.Process(target=_memory_publisher, args=(url, ns, size, versions, a, results), daemon=True),
@@ -1100,7 +1117,7 @@ def run_checksum(url: str, size: int, transfer: dict[str, float | None], rounds:
     log(f"checksum: a pull of {human(size)} with and without verification, and xxh3 over it")
     model = big_policy(size)
     nbytes = policy_bytes(model)
-    ns = f"bench-cs-{uuid.uuid4().hex[:6]}"
+    ns = f"bench-{RUN_ID}-cs-{uuid.uuid4().hex[:6]}"
     with WeightPublisher(url, namespace=ns, grace_seconds=1.0) as pub:
         version = pub.publish(model)
         del model
@@ -1360,7 +1377,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="redisbus side by side with the raw RESP ceiling, naive torch.save + redis-py, "
         "tensordict's TensorDictStore and TorchRL's same-host schemes.",
     )
-    p.add_argument("--url", help="use this Redis instead of starting one (its data is NOT flushed; keys are namespaced)")
+    p.add_argument("--url", help="use this Redis instead of starting one (never flushed: the run's own keys, all "
+                                 "named with a per-run id, are deleted at the end)")
     p.add_argument("--json", metavar="FILE", help="write every figure (and raw samples) to FILE")
     p.add_argument("--quick", action="store_true", help="small subset, under a minute")
     p.add_argument("--sizes", help="policy sizes for the throughput table, e.g. 256M,1G (default 256M,1G; quick 16M)")
@@ -1422,7 +1440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe.close()
         mp_context()
         if "throughput" in sections:
-            results["throughput"] = run_throughput(url, sizes, repeats, contenders, parse_size(args.torchrl_max_size))
+            results["throughput"] = run_throughput(url, sizes, repeats, contenders, parse_size(args.torchrl_max_size),
+                                                   owned=not args.url)  # fmt: skip
             results["ratios"] = compute_ratios(results["throughput"])
         if "latency" in sections:
             configs = [(kind, mode, args.subscribers) for kind in ("100K", "1M") for mode in ("immediate", "on_sync")]
@@ -1442,6 +1461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 transfer["raw GET"] = largest.get("raw", {}).get("pull_gbps")
                 transfer["redisbus pull"] = largest.get("redisbus", {}).get("pull_gbps")
             results["checksum"] = run_checksum(url, cs_size, transfer)
+        if args.url:
+            with contextlib.suppress(Exception):
+                cleaner = BusConfig.from_url(url).client()
+                clear(cleaner, owned=False)
+                cleaner.close()
     results["loadavg_after"] = machine().get("loadavg", [])
     results["targets"] = evaluate(results)
     print(render(results))
