@@ -116,8 +116,8 @@ class WeightPublisher:
     ) -> int | Future[int]:
         """Publish ``weights`` as a new version.
 
-        The tensors are copied into a reused snapshot buffer. With ``block=False``
-        the copy is taken before the call returns (from then on the caller may
+        With ``block=False`` the tensors are copied into a reused snapshot
+        buffer before the call returns (from then on the caller may
         change the tensors), the upload and commit run in a background thread
         and a :class:`~concurrent.futures.Future` of the version number is
         returned; a second call waits for the first upload to finish before
