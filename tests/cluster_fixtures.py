@@ -321,7 +321,7 @@ class LocalCluster:
             slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
             for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
                 if int(start) <= slot <= int(end):
-                    host, port = master[0], int(master[1])
+                    port = int(master[1])
                     port_node = {n.port: n for n in self.nodes}
                     return port_node[port]
         raise LookupError(f"no master owns the slot of {key!r}")

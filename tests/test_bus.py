@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import fakeredis
 import msgpack
 import pytest
 import torch
-from tensordict import TensorDict
 
 from helpers import bit_identical, make_policy, snapshot, wait_until, zeros_like_policy
 from redisbus import (

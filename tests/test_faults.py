@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from helpers import bit_identical, make_policy, wait_until, zeros_like_policy
+from helpers import bit_identical, make_policy, zeros_like_policy
 from redisbus import PublishError, WeightPublisher, WeightSubscriber
 from redisbus.keys import KeySpace
 from redisbus.retention import collect

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from redisbus import defaults
 from redisbus.errors import ManifestError
 from redisbus.wire import (
-    CHECKSUM,
     DTYPES,
     FORMAT_VERSION,
     Manifest,
