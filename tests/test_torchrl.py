@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import wait_until
 from tensordict import TensorDict
 from torch import nn
 
@@ -135,6 +136,7 @@ def test_legacy_updater_wait_for_workers(redis_url, namespace):
     local = RedisLocalWeightUpdater(worker, url=redis_url, namespace=namespace, worker_id="w0", apply="immediate")
     up = RedisWeightUpdater(None, {torch.device("cpu"): trainer}, url=redis_url, namespace=namespace, wait_for_workers=5.0)
     try:
+        assert wait_until(lambda: "w0" in up.all_worker_ids())  # "all workers" means those that reported
         v = up()  # returns once w0 reported v: its listener applied it immediately
         assert local.version == v and torch.equal(worker.weight, trainer.weight)
         up.wait_for_workers = 0.3
