@@ -45,7 +45,7 @@ from redis.connection import Connection, SSLConnection, UnixDomainSocketConnecti
 
 from .errors import BusConnectionError, CorruptBlobError, PublishError, RedisBusError, VersionNotFoundError
 
-__all__ = ["Payload", "fast_path_available", "payload_len", "read_chunks_into", "write_chunks"]
+__all__ = ["Command", "Payload", "fast_path_available", "payload_len", "read_chunks_into", "write_chunks"]
 
 #: Connection classes whose ``_sock`` we know how to drive directly (exact types, not subclasses:
 #: fakeredis' connection subclasses :class:`redis.connection.Connection`).
@@ -74,6 +74,8 @@ _CRLF = b"\r\n"
 _T = TypeVar("_T")
 #: A value to write: a byte view, or a tuple of byte views written back to back.
 Payload = Union[memoryview, "tuple[memoryview, ...]"]
+#: A small command's arguments, e.g. ``("MGET", "a", "b")``.
+Command = Sequence[Union[str, bytes, int]]
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -160,7 +162,8 @@ def read_chunks_into(
     *,
     connections: int = 1,
     after_recv: Callable[[str, memoryview], None] | None = None,
-) -> None:
+    first: Sequence[Command] = (),
+) -> list[Any]:
     """``GET`` each key straight into its view with ``recv_into``, pipelined.
 
     Each value must be exactly ``len(view)`` bytes (``nbytes`` for non-byte
@@ -175,28 +178,43 @@ def read_chunks_into(
             landed whole in its view (e.g. to verify it while the next ones
             arrive); a :class:`~redisbus.errors.RedisBusError` it raises stops
             the transfer and is raised once the connection is back in sync.
+        first: small commands (argument tuples) sent ahead of the ``GET`` commands in
+            the same round trip, on one connection; their replies are returned.
+
+    Returns:
+        The replies to ``first``, in order: bulk strings as bytes, integers,
+        arrays as lists, nil as None, and an error reply as a
+        :class:`redis.ResponseError` instance in its place (not raised). Only
+        for commands whose replies redis-py passes on as they are (``GET``,
+        ``MGET``, ``STRLEN``, ``GETRANGE``...): the fallback path goes through redis-py.
 
     Raises:
         VersionNotFoundError: a key does not exist (names the key).
         CorruptBlobError: a value's length differs from its view's (names the
             key and both lengths), or the key holds another type.
         BusConnectionError: the socket failed, timed out or was closed.
-        ValueError: ``keys`` and ``views`` differ in length.
+        ValueError: ``keys`` and ``views`` differ in length, or ``first`` with
+            several connections.
     """
     if len(keys) != len(views):
         raise ValueError(f"{len(keys)} keys but {len(views)} views")
+    if first and connections != 1:
+        raise ValueError("commands sent first need a single connection")
     pairs = [(key, _byte_view(view, writable=True)) for key, view in zip(keys, views)]
-    if not pairs:
-        return
+    if not pairs and not first:
+        return []
     if not fast_path_available(client):
-        _read_chunks_into_plain(client, [k for k, _ in pairs], [v for _, v in pairs], after_recv=after_recv)
-        return
+        return _read_chunks_into_plain(
+            client, [k for k, _ in pairs], [v for _, v in pairs], after_recv=after_recv, first=first
+        )
+    replies: list[Any] = []
     _run_parallel(
-        lambda part, stop: _with_connection(client, lambda conn: _read_on(conn, part, stop, after_recv)),
+        lambda part, stop: _with_connection(client, lambda conn: _read_on(conn, part, stop, after_recv, first, replies)),
         pairs,
         [len(v) for _, v in pairs],
         connections,
     )
+    return replies
 
 
 # --------------------------------------------------------------------------- plain fallback
@@ -233,18 +251,25 @@ def _read_chunks_into_plain(
     views: Sequence[memoryview],
     *,
     after_recv: Callable[[str, memoryview], None] | None = None,
-) -> None:
+    first: Sequence[Command] = (),
+) -> list[Any]:
     """Fallback of :func:`read_chunks_into`: redis-py pipelines of ``GET``, values copied into the views."""
     pairs = list(zip(keys, views))
-    for batch in _batches(pairs, lambda item: len(item[1])):
+    answers: list[Any] = []
+    for batch in _batches(pairs, lambda item: len(item[1])) or [[]]:
         pipe = client.pipeline(transaction=False)
+        ahead = len(first) if not answers else 0
+        for command in first[:ahead]:
+            pipe.execute_command(*command)
         for key, _ in batch:
             pipe.get(key)
         try:
             replies = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise BusConnectionError(f"connection failed while reading chunk {batch[0][0]!r}: {exc}") from exc
-        for (key, view), value in zip(batch, replies):
+            what = f"chunk {batch[0][0]!r}" if batch else "the first replies"
+            raise BusConnectionError(f"connection failed while reading {what}: {exc}") from exc
+        answers.extend(replies[:ahead])
+        for (key, view), value in zip(batch, replies[ahead:]):
             if isinstance(value, Exception):
                 if "WRONGTYPE" in str(value):
                     raise CorruptBlobError(f"chunk {key!r} is not a string value: {value}") from value
@@ -258,6 +283,7 @@ def _read_chunks_into_plain(
             view[:] = value
             if after_recv is not None:
                 after_recv(key, view)
+    return answers
 
 
 def _batches(items: Sequence[_T], size: Callable[[_T], int]) -> list[list[_T]]:
@@ -546,6 +572,42 @@ class _Wire:
             raise _ProtocolError("bulk value not followed by CRLF")
         self.start += 2
 
+    def read_reply(self, depth: int = 0) -> Any:
+        """One whole reply of a small command, as redis-py gives it with bytes responses (errors returned)."""
+        line = self.readline()
+        kind, rest = line[:1], line[1:]
+        try:
+            if kind == b"+":
+                return rest
+            if kind == b"-":
+                return redis.ResponseError(rest.decode(errors="replace"))
+            if kind == b":":
+                return int(rest)
+            if kind == b"_":
+                return None
+            if kind == b"$":
+                length = int(rest)
+                if length < 0:
+                    return None
+                if length > MAX_DRAIN_BYTES:
+                    raise _ProtocolError(f"a {length}-byte reply to a small command")
+                value = bytearray(length)
+                view = memoryview(value)
+                pos = self.take(view, length)
+                while pos < length:
+                    got = self.sock.recv_into(view[pos:], length - pos)
+                    if not got:
+                        raise _ServerClosed()
+                    pos += got
+                self.expect_crlf()
+                return bytes(value)
+            if kind == b"*" and depth < 2:
+                count = int(rest)
+                return None if count < 0 else [self.read_reply(depth + 1) for _ in range(count)]
+        except ValueError:
+            raise _ProtocolError(f"bad reply header {line[:80]!r}") from None
+        raise _ProtocolError(f"unexpected reply {line[:80]!r} to a small command")
+
 
 def _wire_errors(what: str, key: Callable[[], str]) -> Callable[[BaseException], BusConnectionError]:
     def convert(exc: BaseException) -> BusConnectionError:
@@ -669,8 +731,10 @@ def _read_on(
     pairs: Sequence[tuple[str, memoryview]],
     stop: threading.Event,
     after_recv: Callable[[str, memoryview], None] | None = None,
+    first: Sequence[Command] = (),
+    replies: list[Any] | None = None,
 ) -> Exception | None:
-    """Pipelined raw ``GET``s on one connection.
+    """Pipelined raw ``GET``s on one connection, after the ``first`` commands (their replies go to ``replies``).
 
     The next ``GET`` goes out as soon as fewer than :data:`READ_WINDOW_BYTES`
     requested bytes are still to be received, so the server never waits on a
@@ -689,7 +753,7 @@ def _read_on(
     done = 0  # replies read
     outstanding = 0  # bytes requested and not yet received (by the views' lengths)
     failure: Exception | None = None
-    convert = _wire_errors("reading", lambda: pairs[min(done, n - 1)][0])
+    convert = _wire_errors("reading", lambda: pairs[min(done, n - 1)][0] if n else "(none)")
 
     def top_up() -> None:
         nonlocal sent, outstanding
@@ -703,7 +767,12 @@ def _read_on(
         wire.flush()
 
     try:
+        for command in first:
+            args = [encode(arg) for arg in command]
+            wire.queue(b"*%d\r\n%s" % (len(args), b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)))
         top_up()
+        for _ in first:
+            replies.append(wire.read_reply())  # type: ignore[union-attr]  # given with first
         while done < sent:
             key, view = pairs[done]
             expected = len(view)

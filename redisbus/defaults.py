@@ -20,6 +20,9 @@ PENDING_TIMEOUT_SECONDS = 600.0
 POLL_INTERVAL_SECONDS = 2.0
 #: Seconds between worker heartbeats.
 HEARTBEAT_SECONDS = 5.0
+#: A worker reports an applied version once its listener is idle, or this many seconds after the apply at the
+#: latest: the report's round trip stays off the path of the next version, when every worker pulls at once.
+REPORT_DELAY_SECONDS = 0.2
 #: A worker whose heartbeat is older than this is reported dead.
 DEAD_AFTER_SECONDS = 30.0
 #: Largest manifest accepted, in bytes (safetensors-style header cap).
@@ -40,6 +43,8 @@ HEALTH_CHECK_INTERVAL_SECONDS = 5.0
 BACKOFF_BASE_SECONDS = 0.05
 #: Largest reconnect delay, seconds.
 BACKOFF_CAP_SECONDS = 2.0
+#: Versions up to this size reach a worker in one round trip after their notice (manifest and chunks together).
+ONE_TRIP_PULL_BYTES = 16 * 1024 * 1024
 #: Times a reader retries with ``latest`` after losing a race with garbage collection.
 GC_RACE_RETRIES = 5
 #: Longest a publisher ``WAIT``s for its replicas before it commits anyway, seconds.

@@ -50,7 +50,7 @@ from .records import ExportResult, PinResult, PublishResult, json_ready
 from .retention import GcReport, collect
 from .transport import publish_notice, read_manifest
 from .weightfiles import FileFormatError, read_weights_file, write_safetensors
-from .wire import Notice, encode_notice, manifest_digest
+from .wire import encode_notice, notice_for
 
 __all__ = ["BusAdmin", "parse_metadata"]
 
@@ -244,7 +244,7 @@ class BusAdmin(BusView):
             manifest, data = read_manifest(self.client, self.keys, version, self.config)
         except (ManifestError, VersionNotFoundError):
             return  # workers still poll latest; the notice is only a hint
-        publish_notice(self.client, self.keys, encode_notice(Notice(version, manifest.total_bytes, manifest_digest(data))))
+        publish_notice(self.client, self.keys, encode_notice(notice_for(manifest, data)))
 
     def gc(
         self,

@@ -31,12 +31,11 @@ from .transport import (
 )
 from .wire import (
     Manifest,
-    Notice,
     check_metadata,
     chunk_spans,
     encode_manifest,
     encode_notice,
-    manifest_digest,
+    notice_for,
     plan_layout,
 )
 
@@ -284,7 +283,7 @@ class WeightPublisher:
         if self.config.signing_key:
             manifest = sign_manifest(manifest, blob, self.config.signing_key)
         data = encode_manifest(manifest)
-        notice = encode_notice(Notice(version, total, manifest_digest(data)))
+        notice = encode_notice(notice_for(manifest, data))
         if self.config.replicas_to_wait:
             self._wait_for_replicas(version, data)
         return commit_version(self._client, self.keys, version, data, notice), manifest.created

@@ -36,14 +36,16 @@ from .transport import (
     decode_fetched_manifest,
     read_chunks_into,
     read_head,
+    is_cluster,
     read_head_and_manifest,
+    read_head_manifest_and_chunks,
     read_manifest,
     refresh_topology,
     resolve,
     translate_errors,
     uses_sharded_pubsub,
 )
-from .wire import Manifest, decode_notice, verify_chunks
+from .wire import Manifest, Notice, decode_notice, verify_chunks
 
 __all__ = ["WeightSubscriber"]
 
@@ -127,7 +129,7 @@ class WeightSubscriber:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deferred = False  # a catch-up found a staged version in the way: catch up again after sync()
-        self._report_due = threading.Event()
+        self._report_due_at: float | None = None  # when an applied version must be reported by
         self._thread: threading.Thread | None = None
         self._ping_unanswered_since: float | None = None
         self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap, base=self.config.backoff_base)
@@ -310,7 +312,8 @@ class WeightSubscriber:
             self._stats["applied"] += 1
             self._cond.notify_all()
             wake, self._deferred = self._deferred, False
-        self._report_due.set()
+            if self._report_due_at is None:
+                self._report_due_at = time.monotonic() + defaults.REPORT_DELAY_SECONDS
         if wake:  # applying made room for the newer version a catch-up had to leave
             self._wake.set()
         log.info("worker %s applied version %d", self.worker_id, manifest.version)
@@ -323,16 +326,18 @@ class WeightSubscriber:
     def _held(self) -> int:
         return max(self._applied or 0, self.staged_version or 0)
 
-    def _catch_up(self, hint: int | None = None) -> None:
+    def _catch_up(self, notice: Notice | None = None) -> None:
         """Pull the newest wanted version into staging if it is newer than what we hold.
 
-        ``hint`` is the version a notice announced: its manifest is fetched in the
-        same round trip as ``latest``, and used if that is the version wanted.
+        ``notice``: the announcement that woke us. Its version's manifest is fetched
+        in the same round trip as ``latest`` (and, for a small version, its chunks
+        too), and used if that is the version wanted.
         """
         with self._pull_lock:
             fetched = None
-            if hint is not None and not self.config.replicas:
-                latest, pin, fetched = read_head_and_manifest(self._client, self.keys, hint, self.config)
+            landed = None  # chunk size with which the announced version's chunks landed in staging
+            if notice is not None and not self.config.replicas:
+                latest, pin, fetched, landed = self._read_announced(notice)
             else:
                 latest, pin = read_head(self._client, self.keys)
             for _ in range(defaults.GC_RACE_RETRIES):
@@ -345,9 +350,11 @@ class WeightSubscriber:
                     if self._staged is not None:
                         self._deferred = True
                         return  # an unapplied verified version waits for sync(); don't overwrite it
-                prefetched, fetched = (fetched if wanted == hint else None), None
+                announced = notice is not None and wanted == notice.version
+                prefetched, fetched = (fetched if announced else None), None
+                in_staging, landed = (landed if announced else None), None
                 try:
-                    manifest = self._pull(wanted, prefetched)
+                    manifest = self._pull(wanted, prefetched, in_staging)
                 except VersionNotFoundError as exc:
                     latest, pin = read_head(self._client, self.keys)
                     if latest == wanted and pin is None:
@@ -366,6 +373,39 @@ class WeightSubscriber:
                     self._apply_staged()
                 return
 
+    def _read_announced(self, notice: Notice) -> tuple[int | None, int | None, tuple[int, bytes] | None, int | None]:
+        """``latest``, the pin and the announced version's raw manifest, in one round trip.
+
+        A small version's chunks come in the same round trip, straight into
+        staging (then the last item is the chunk size they were read with, else
+        None): the common RL case, a policy of a few MB, reaches every worker
+        in one round trip after its notice.
+        """
+        one_trip = (
+            notice.chunk_size is not None
+            and notice.total_bytes <= min(defaults.ONE_TRIP_PULL_BYTES, self.config.max_blob_bytes)
+            and self._staged is None  # staging holds a verified version waiting for sync()
+            and not is_cluster(self._client)
+        )
+        if one_trip:
+            self._reserve_staging(notice.total_bytes)
+            try:
+                latest, pin, fetched = read_head_manifest_and_chunks(
+                    self._client, self.keys, notice.version, notice.chunk_size, self._staging.memoryview(), self.config
+                )  # fmt: skip
+                return latest, pin, fetched, notice.chunk_size
+            except (VersionNotFoundError, CorruptBlobError) as exc:
+                # GC won a race, or the notice's layout is not its version's: the two round trips below
+                # find out which and say it (a version is condemned only for what its manifest says)
+                log.debug("worker %s: one-trip pull of version %d failed (%s)", self.worker_id, notice.version, exc)
+        latest, pin, fetched = read_head_and_manifest(self._client, self.keys, notice.version, self.config)
+        return latest, pin, fetched, None
+
+    def _reserve_staging(self, size: int) -> None:
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # a device copy may still read the staging buffer
+        self._staging.reserve(size, pinned=self._on_cuda)
+
     def _replica_client(self) -> Any:
         """This worker's read replica, or None (none configured, or it failed lately)."""
         if not self.config.replicas or time.monotonic() < self._replica_down_until:
@@ -376,10 +416,11 @@ class WeightSubscriber:
             self._replica = configs[zlib.crc32(self.worker_id.encode()) % len(configs)].client(retries=0)
         return self._replica
 
-    def _pull(self, version: int, fetched: tuple[int, bytes] | None = None) -> Manifest:
+    def _pull(self, version: int, fetched: tuple[int, bytes] | None = None, landed: int | None = None) -> Manifest:
         """Pull ``version`` from this worker's read replica if it has one, else (or if it lags) from the primary.
 
-        ``fetched``: the version's manifest as read from the primary with ``latest``.
+        ``fetched``: the version's manifest as read from the primary with ``latest``;
+        ``landed``: its chunks are in staging already, read with this chunk size.
         """
         replica = self._replica_client()
         if replica is not None:
@@ -391,9 +432,11 @@ class WeightSubscriber:
                     self._replica_down_until = time.monotonic() + defaults.REPLICA_RETRY_SECONDS
                 log.info("worker %s: replica could not serve version %d (%s); pulling from the primary",
                          self.worker_id, version, exc)  # fmt: skip
-        return self._pull_from(self._client, version, fetched)
+        return self._pull_from(self._client, version, fetched, landed)
 
-    def _pull_from(self, client: Any, version: int, fetched: tuple[int, bytes] | None = None) -> Manifest:
+    def _pull_from(
+        self, client: Any, version: int, fetched: tuple[int, bytes] | None = None, landed: int | None = None
+    ) -> Manifest:
         if fetched is not None:
             manifest = decode_fetched_manifest(self.keys, version, *fetched, self.config)
         else:
@@ -403,12 +446,14 @@ class WeightSubscriber:
         elif manifest.signature is not None:
             log.debug("version %d is signed but this worker has no key; checksums only", version)
         match_target(manifest, target_leaves(self.target))
-        if self._copy_done is not None:
-            self._copy_done.synchronize()  # a device copy may still read the staging buffer
-        self._staging.reserve(manifest.total_bytes, pinned=self._on_cuda)
-        blob = self._staging.memoryview()
         self._stats["pulls"] += 1
-        read_chunks_into(client, self.keys, manifest, blob, verify=verify_chunks)  # each chunk checked as it lands
+        if landed == manifest.chunk_size and self._staging.size == manifest.total_bytes:
+            blob = self._staging.memoryview()
+            verify_chunks(manifest, blob)  # read by the layout the notice gave, which is the manifest's
+        else:
+            self._reserve_staging(manifest.total_bytes)
+            blob = self._staging.memoryview()
+            read_chunks_into(client, self.keys, manifest, blob, verify=verify_chunks)  # each chunk checked as it lands
         if self.config.signing_key:
             verify_chunk_digests(manifest, blob)
         self._stats["bytes_pulled"] += manifest.total_bytes
@@ -456,7 +501,7 @@ class WeightSubscriber:
         if notice.version <= self._held():
             self._stats["stale_notices"] += 1
             return
-        self._catch_up(hint=notice.version)
+        self._catch_up(notice)
 
     def _run(self) -> None:
         failures = 0
@@ -488,8 +533,9 @@ class WeightSubscriber:
                     self._wake.clear()
                     self._catch_up()
                     next_poll = now + self.config.poll_interval
-                if now >= next_report or self._report_due.is_set():
-                    self._report_due.clear()
+                due = self._report_due_at
+                if now >= next_report or (due is not None and (message is None or now >= due)):
+                    self._report_due_at = None  # an apply after this point is reported next time
                     self._report()
                     next_report = now + self.config.heartbeat_interval
             except _CONNECTION_ERRORS as exc:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
-from tensordict import TensorDict, TensorDictBase, is_non_tensor
+from tensordict import TensorDict, TensorDictBase, is_non_tensor, is_tensor_collection
 
 from .errors import SchemaMismatchError
 from .wire import _MAX_KEY_DEPTH, _MAX_KEY_PART_BYTES, Manifest, TensorEntry, TensorKey, format_key
@@ -31,15 +31,15 @@ def _key(key: str | tuple[str, ...]) -> TensorKey:
 
 
 def _leaves_of_tensordict(td: TensorDictBase) -> list[tuple[TensorKey, torch.Tensor]]:
-    # ``leaves_only`` iteration silently skips non-tensor data (strings, objects): find it first.
-    for key, value in td.items(include_nested=True):
-        if is_non_tensor(value):
-            raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds non-tensor data, not a tensor")
+    # One walk over every node: ``leaves_only`` iteration would silently skip non-tensor data (strings, objects).
     leaves = []
-    for key, value in td.items(include_nested=True, leaves_only=True):
-        if not isinstance(value, torch.Tensor):
+    for key, value in td.items(include_nested=True):
+        if isinstance(value, torch.Tensor):
+            leaves.append((_key(key), value))
+        elif is_non_tensor(value):
+            raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds non-tensor data, not a tensor")
+        elif not is_tensor_collection(value):  # nested TensorDicts are walked into by ``include_nested``
             raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds a {type(value).__name__}, not a tensor")
-        leaves.append((_key(key), value))
     return leaves
 
 

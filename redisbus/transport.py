@@ -28,7 +28,7 @@ from .errors import (
     VersionNotFoundError,
 )
 from .keys import KeySpace
-from .wire import Manifest, chunk_checksum, decode_manifest
+from .wire import Manifest, chunk_checksum, chunk_spans, decode_manifest
 
 __all__ = [
     "RedisSource",
@@ -39,6 +39,7 @@ __all__ = [
     "read_head",
     "read_manifest",
     "read_head_and_manifest",
+    "read_head_manifest_and_chunks",
     "decode_fetched_manifest",
     "write_chunks",
     "read_chunks_into",
@@ -326,6 +327,39 @@ def read_head_and_manifest(
         pipe.strlen(key)
         pipe.getrange(key, 0, config.max_manifest_bytes - 1)
         (latest, pin), size, data = pipe.execute()
+    return _as_int(latest), _as_int(pin), (size, data)
+
+
+def read_head_manifest_and_chunks(
+    client: Any, keys: KeySpace, version: int, chunk_size: int, blob: memoryview, config: BusConfig
+) -> tuple[int | None, int | None, tuple[int, bytes]]:
+    """:func:`read_head_and_manifest`, and the chunks of ``version`` into ``blob``, all in one round trip.
+
+    For a version a notice announced with its size (``len(blob)``) and chunk size:
+    the chunks are read before the manifest that describes them was checked, so
+    the caller must verify them against it (and use them only if its layout is
+    the one read). Not for a cluster client (:class:`ValueError`).
+
+    Raises:
+        VersionNotFoundError: a chunk does not exist.
+        CorruptBlobError: a chunk's size is not what the layout says.
+        BusConnectionError: Redis unreachable.
+    """
+    if is_cluster(client):
+        raise ValueError("a cluster reads the head and the chunks of a version from different nodes")
+    key = keys.manifest(version)
+    spans = chunk_spans(len(blob), chunk_size)
+    with translate_errors(f"reading version {version}", client):
+        replies = _resp.read_chunks_into(
+            client,
+            [keys.chunk(version, i) for i in range(len(spans))],
+            [blob[start:stop] for start, stop in spans],
+            first=[("MGET", keys.latest, keys.pin), ("STRLEN", key), ("GETRANGE", key, 0, config.max_manifest_bytes - 1)],
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+    (latest, pin), size, data = replies
     return _as_int(latest), _as_int(pin), (size, data)
 
 

@@ -17,6 +17,7 @@ gigabytes of Python objects. Nothing here touches Redis.
 
 from __future__ import annotations
 
+import functools
 import math
 import reprlib
 import time
@@ -44,6 +45,7 @@ __all__ = [
     "encode_manifest",
     "decode_manifest",
     "manifest_digest",
+    "notice_for",
     "encode_notice",
     "decode_notice",
     "verify_chunks",
@@ -200,6 +202,8 @@ class Notice:
     version: int
     total_bytes: int
     digest: str
+    #: The version's chunk size, so a worker can ask for the chunks together with the manifest (None: not sent).
+    chunk_size: int | None = None
 
 
 def plan_layout(
@@ -273,9 +277,17 @@ def manifest_digest(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def notice_for(manifest: Manifest, data: bytes) -> Notice:
+    """The notice announcing ``manifest``, whose encoded bytes are ``data``."""
+    return Notice(manifest.version, manifest.total_bytes, manifest_digest(data), manifest.chunk_size)
+
+
 def encode_notice(notice: Notice) -> bytes:
     """msgpack bytes of a notice (well under 1 KiB)."""
-    return msgpack.packb({"format": FORMAT_VERSION, "v": notice.version, "n": notice.total_bytes, "d": notice.digest})
+    body = {"format": FORMAT_VERSION, "v": notice.version, "n": notice.total_bytes, "d": notice.digest}
+    if notice.chunk_size is not None:
+        body["c"] = notice.chunk_size
+    return msgpack.packb(body)
 
 
 _MSGPACK_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
@@ -366,17 +378,22 @@ class _Reader:
     def items(self, span: tuple[int, int], cap: int, what: str) -> tuple[int, Any]:
         """Length of the array at ``span`` and an iterator decoding its elements one at a time."""
         start, stop = span
-        kind = _wire_type(self.data[start])
-        if kind != "list":
-            raise ManifestError(f"{what} has type {kind}")
-        sub = _Reader(self.view[start:stop], what)
-        count = sub.header("list")
+        return _array_items(self.view[start:stop], cap, what)
 
-        def elements() -> Any:
-            for i in range(count):
-                yield sub.load(sub.span(), cap, f"{what} #{i}")
 
-        return count, elements()
+def _array_items(data: bytes | memoryview, cap: int, what: str) -> tuple[int, Any]:
+    """Length of the msgpack array ``data`` and an iterator decoding its elements one at a time (each <= ``cap``)."""
+    kind = _wire_type(data[0])
+    if kind != "list":
+        raise ManifestError(f"{what} has type {kind}")
+    sub = _Reader(data, what)
+    count = sub.header("list")
+
+    def elements() -> Any:
+        for i in range(count):
+            yield sub.load(sub.span(), cap, f"{what} #{i}")
+
+    return count, elements()
 
 
 def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -417,6 +434,7 @@ def decode_notice(data: bytes) -> Notice:
         version=_int(body.get("v"), "notice version", 1),
         total_bytes=_int(body.get("n"), "notice size"),
         digest=_field(body, "d", str, "notice"),
+        chunk_size=None if body.get("c") is None else _int(body["c"], "notice chunk size", 1),
     )
 
 
@@ -520,6 +538,42 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+#: Tensor tables up to this size are decoded once and remembered: every version of a policy repeats its table.
+_CACHED_TABLE_BYTES = 64 * 1024
+
+
+def _decode_tensor_table(table: bytes | memoryview, total: int) -> tuple[TensorEntry, ...]:
+    """Decode and check the ``tensors`` field: entries, unique keys, in bounds, no overlaps, no large gaps."""
+    tensor_count, raw_tensors = _array_items(table, _MAX_TENSOR_ENTRY_BYTES, "manifest field 'tensors'")
+    if tensor_count > defaults.MAX_TENSORS:
+        raise ManifestError(f"manifest lists {tensor_count} tensors (at most {defaults.MAX_TENSORS})")
+    tensors = [_decode_tensor(raw, i, total) for i, raw in enumerate(raw_tensors)]
+    seen: set[TensorKey] = set()
+    for t in tensors:
+        if t.key in seen:
+            raise ManifestError(f"manifest lists tensor {format_key(t.key)!r} twice")
+        seen.add(t.key)
+    end = 0
+    for t in sorted(tensors, key=lambda t: t.offset):
+        if t.nbytes and t.offset < end:
+            raise ManifestError(f"manifest tensor {format_key(t.key)!r} at offset {t.offset} overlaps the previous one")
+        if t.offset - end >= _MAX_ALIGNMENT:
+            raise ManifestError(
+                f"manifest tensor {format_key(t.key)!r} at offset {t.offset} leaves a gap of {t.offset - end} bytes "
+                f"(padding is under {_MAX_ALIGNMENT})"
+            )
+        end = max(end, t.offset + t.nbytes)
+    if total != end:
+        raise ManifestError(f"manifest total_bytes is {total}, but its tensors end at byte {end}")
+    return tuple(tensors)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_tensor_table(table: bytes, total: int) -> tuple[TensorEntry, ...]:
+    # Safe to share: the result depends only on the arguments, and entries are frozen.
+    return _decode_tensor_table(table, total)
+
+
 def decode_manifest(
     data: bytes,
     *,
@@ -593,27 +647,12 @@ def decode_manifest(
         checksums.append(_int(raw[1], f"manifest chunk {i} checksum", 0, 2**64 - 1))
     if "tensors" not in spans_of:
         raise ManifestError("manifest has no 'tensors' field")
-    tensor_count, raw_tensors = reader.items(spans_of["tensors"], _MAX_TENSOR_ENTRY_BYTES, "manifest field 'tensors'")
-    if tensor_count > defaults.MAX_TENSORS:
-        raise ManifestError(f"manifest lists {tensor_count} tensors (at most {defaults.MAX_TENSORS})")
-    tensors = [_decode_tensor(raw, i, total) for i, raw in enumerate(raw_tensors)]
-    seen: set[TensorKey] = set()
-    for t in tensors:
-        if t.key in seen:
-            raise ManifestError(f"manifest lists tensor {format_key(t.key)!r} twice")
-        seen.add(t.key)
-    end = 0
-    for t in sorted(tensors, key=lambda t: t.offset):
-        if t.nbytes and t.offset < end:
-            raise ManifestError(f"manifest tensor {format_key(t.key)!r} at offset {t.offset} overlaps the previous one")
-        if t.offset - end >= _MAX_ALIGNMENT:
-            raise ManifestError(
-                f"manifest tensor {format_key(t.key)!r} at offset {t.offset} leaves a gap of {t.offset - end} bytes "
-                f"(padding is under {_MAX_ALIGNMENT})"
-            )
-        end = max(end, t.offset + t.nbytes)
-    if total != end:
-        raise ManifestError(f"manifest total_bytes is {total}, but its tensors end at byte {end}")
+    start, stop = spans_of["tensors"]
+    table = reader.view[start:stop]
+    if stop - start <= _CACHED_TABLE_BYTES:
+        tensors = _cached_tensor_table(bytes(table), total)
+    else:
+        tensors = _decode_tensor_table(table, total)
     digests = None
     digest_span = spans_of.get("chunk_digests")
     if digest_span is not None and reader.data[digest_span[0]] != 0xC0:  # nil reads as absent
@@ -634,7 +673,7 @@ def decode_manifest(
         total_bytes=total,
         chunk_size=chunk_size,
         chunk_checksums=tuple(checksums),
-        tensors=tuple(tensors),
+        tensors=tensors,
         created=float(created),
         publisher=publisher,
         metadata=metadata,

@@ -1,5 +1,6 @@
-"""The listener's notice path: ``latest`` and the announced version's manifest come in one round
-trip, and a catch-up left waiting behind a staged version runs again once ``sync()`` applied it.
+"""The listener's notice path: ``latest``, the announced version's manifest and (for a small version)
+its chunks come in one round trip, and a catch-up left waiting behind a staged version runs again
+once ``sync()`` applied it.
 
 Real redis-server processes come from the shared ``redis_server_factory`` fixture.
 """
@@ -14,6 +15,7 @@ import torch
 from tensordict import TensorDict
 
 from redisbus import WeightPublisher, WeightSubscriber
+from redisbus.wire import Notice
 
 NS = "notice-path"
 SLOW_POLL = {"poll_interval": 60.0, "heartbeat_interval": 60.0}  # only notices can explain a prompt pull
@@ -42,33 +44,97 @@ def server(redis_server_factory):
     return redis_server_factory()
 
 
-def test_notice_pull_reads_head_and_manifest_together(server, monkeypatch):
-    import redisbus.subscriber as subscriber_module
-
-    calls = {"head_and_manifest": 0}
-    real = subscriber_module.read_head_and_manifest
+def _count(monkeypatch, module, name: str, calls: dict[str, int]) -> None:
+    real = getattr(module, name)
+    calls[name] = 0
 
     def counting(*args, **kwargs):
-        calls["head_and_manifest"] += 1
+        calls[name] += 1
         return real(*args, **kwargs)
 
-    def no_separate_manifest_read(*args, **kwargs):
-        raise AssertionError("the notice path read the manifest on its own round trip")
+    monkeypatch.setattr(module, name, counting)
 
+
+def _forbid(monkeypatch, module, name: str) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"the notice path called {name}: one more round trip")
+
+    monkeypatch.setattr(module, name, forbidden)
+
+
+def test_notice_pull_of_a_small_version_is_one_round_trip(server, monkeypatch):
+    """latest, the pin, the manifest and every chunk of the announced version: one request."""
+    import redisbus.subscriber as subscriber_module
+
+    calls: dict[str, int] = {}
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS, chunk_size=1024) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        _count(monkeypatch, subscriber_module, "read_head_manifest_and_chunks", calls)
+        for name in ("read_head_and_manifest", "read_manifest", "read_chunks_into", "read_head"):
+            _forbid(monkeypatch, subscriber_module, name)
+        for seed in (1, 2, 3):  # 8.3 KB in 1 KiB chunks: nine chunks, each verified
+            version = pub.publish(_policy(seed))
+            assert sub.wait_for_version(version, timeout=10) == version
+            assert (target == _policy(seed)).all()
+        assert calls["read_head_manifest_and_chunks"] == 3
+        assert sub.stats()["errors"] == 0
+
+
+def test_notice_pull_of_a_large_version_reads_head_and_manifest_together(server, monkeypatch):
+    import redisbus.defaults as defaults
+    import redisbus.subscriber as subscriber_module
+
+    monkeypatch.setattr(defaults, "ONE_TRIP_PULL_BYTES", 1024)  # the policy is larger: two round trips
+    calls: dict[str, int] = {}
     target = _zeros()
     with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
         server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
     ) as sub:
         sub.start()
         assert _wait(lambda: sub.stats()["subscribes"] >= 1)
-        monkeypatch.setattr(subscriber_module, "read_head_and_manifest", counting)
-        monkeypatch.setattr(subscriber_module, "read_manifest", no_separate_manifest_read)
+        _count(monkeypatch, subscriber_module, "read_head_and_manifest", calls)
+        _forbid(monkeypatch, subscriber_module, "read_head_manifest_and_chunks")
+        _forbid(monkeypatch, subscriber_module, "read_manifest")
         for seed in (1, 2, 3):
             version = pub.publish(_policy(seed))
             assert sub.wait_for_version(version, timeout=10) == version
             assert (target == _policy(seed)).all()
-        assert calls["head_and_manifest"] >= 3
+        assert calls["read_head_and_manifest"] == 3
         assert sub.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("claimed", [512, 4096, 10**9])
+def test_notice_with_a_wrong_chunk_size_costs_a_round_trip_not_the_version(server, monkeypatch, claimed):
+    """A notice whose layout is not its version's (forged, or from a buggy publisher): the one-trip read
+    finds missing or mis-sized chunks, and the worker reads the version the usual way, applies it and
+    counts no error."""
+    import redisbus.publisher as publisher_module
+    import redisbus.subscriber as subscriber_module
+
+    real_encode = publisher_module.encode_notice
+    monkeypatch.setattr(
+        publisher_module,
+        "encode_notice",
+        lambda notice: real_encode(Notice(notice.version, notice.total_bytes, notice.digest, claimed)),
+    )
+    calls: dict[str, int] = {}
+    _count(monkeypatch, subscriber_module, "read_head_and_manifest", calls)
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS, chunk_size=1024) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        for seed in (1, 2):
+            version = pub.publish(_policy(seed))
+            assert sub.wait_for_version(version, timeout=10) == version
+            assert (target == _policy(seed)).all()
+        assert calls["read_head_and_manifest"] == 2  # the usual way, after each failed one-trip read
+        assert sub.stats()["errors"] == 0 and sub.stats()["failed_versions"] == []
 
 
 def test_bad_manifest_announced_by_a_notice_is_refused(server, monkeypatch):

@@ -418,6 +418,49 @@ def test_tls(redis_server_factory, tls_certs):
     assert client.ping()
 
 
+# --------------------------------------------------------------------------- commands sent first
+
+
+@pytest.fixture(params=["fast", "plain"])
+def any_client(request, server, fake_redis):
+    """A real server's client (raw RESP path) and fakeredis (plain pipelines): the same replies from both."""
+    client = server.client(socket_timeout=10) if request.param == "fast" else fake_redis
+    assert _resp.fast_path_available(client) == (request.param == "fast")
+    return client
+
+
+def test_commands_sent_first_reply_like_redis_py(any_client):
+    """Bulk, nil, integer, array with a nil and error replies, in order, then the chunks."""
+    any_client.set("t:m", b"manifest\r\nbytes")
+    any_client.set("t:n", 7)
+    src = _blob(3 * 1000 + 17)
+    items = _items(src, [1000, 1000, 1000, 17])
+    _resp.write_chunks(any_client, items)
+    dst = np.full(src.size, FILL, dtype=np.uint8)
+    replies = _resp.read_chunks_into(
+        any_client,
+        [k for k, _ in items],
+        [v for _, v in _items(dst, [1000, 1000, 1000, 17])],
+        first=[("MGET", "t:n", "t:absent"), ("STRLEN", "t:m"), ("GETRANGE", "t:m", 0, 99), ("GET", "t:absent"),
+               ("EXISTS", "t:m", "t:n"), ("INCRBY", "t:m", 1)],
+    )  # fmt: skip
+    assert replies[:5] == [[b"7", None], 15, b"manifest\r\nbytes", None, 2]
+    assert isinstance(replies[5], redis.ResponseError) and "not an integer" in str(replies[5])
+    assert np.array_equal(src, dst)
+    assert any_client.get("t:m") == b"manifest\r\nbytes"  # the stream stayed in sync
+
+
+def test_commands_sent_first_without_chunks(any_client):
+    any_client.set("t:v", b"x")
+    assert _resp.read_chunks_into(any_client, [], [], first=[("GET", "t:v")]) == [b"x"]
+    assert _resp.read_chunks_into(any_client, [], []) == []
+
+
+def test_commands_sent_first_need_one_connection(client):
+    with pytest.raises(ValueError, match="single connection"):
+        _resp.read_chunks_into(client, ["t:a"], [memoryview(bytearray(1))], connections=2, first=[("PING",)])
+
+
 # --------------------------------------------------------------------------- fallback
 
 
