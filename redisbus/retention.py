@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .keys import KeySpace
-from .transport import read_head, translate_errors
+from .transport import parse_version, translate_errors
 from .wire import decode_manifest
 
 __all__ = ["GcReport", "collect"]
@@ -31,14 +31,20 @@ class GcReport:
     dry_run: bool = False
 
 
-def _chunk_count(client: Any, keys: KeySpace, version: int) -> int | None:
-    data = client.get(keys.manifest(version))
-    if data is None:
-        return None
-    try:
-        return decode_manifest(data).chunk_count
-    except Exception:  # a corrupt manifest must not stop GC; its chunks are then found by SCAN
-        return None
+def _chunk_counts(client: Any, keys: KeySpace, versions: list[int]) -> list[int]:
+    """How many chunks each version has, by its manifest (0 when it is gone or corrupt)."""
+    if not versions:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for version in versions:
+        pipe.get(keys.manifest(version))
+    counts = []
+    for data in pipe.execute():
+        try:
+            counts.append(0 if data is None else decode_manifest(data).chunk_count)
+        except Exception:  # a corrupt manifest must not stop GC; its chunks are then found by SCAN
+            counts.append(0)
+    return counts
 
 
 def _fade(pipe: Any, key: str, grace_ms: int) -> None:
@@ -84,15 +90,17 @@ def collect(
     report = GcReport(dry_run=dry_run)
     grace_ms = int(grace_seconds * 1000)
     with translate_errors("garbage-collecting old versions", client):
-        committed = [int(v) for v in client.zrange(keys.versions, 0, -1)]
-        latest, pin = read_head(client, keys)
-        protected = set(committed[-keep:]) | {v for v in (latest, pin) if v is not None}
+        pipe = client.pipeline(transaction=False)
+        pipe.zrange(keys.versions, 0, -1)
+        pipe.mget([keys.latest, keys.pin])
+        index, head = pipe.execute()
+        committed = [int(v) for v in index]
+        protected = set(committed[-keep:]) | {v for v in map(parse_version, head) if v is not None}
         report.kept = [v for v in committed if v in protected]
         report.evicted = [v for v in committed if v not in protected]
         pipe = client.pipeline(transaction=False)
-        for version in report.evicted:
-            count = _chunk_count(client, keys, version)
-            for index in range(count or 0):
+        for version, count in zip(report.evicted, _chunk_counts(client, keys, report.evicted)):
+            for index in range(count):
                 _fade(pipe, keys.chunk(version, index), grace_ms)
             _fade(pipe, keys.manifest(version), grace_ms)
             pipe.zrem(keys.versions, version)

@@ -36,6 +36,7 @@ __all__ = [
     "translate_errors",
     "allocate_version",
     "commit_version",
+    "parse_version",
     "read_head",
     "read_manifest",
     "read_head_and_manifest",
@@ -277,7 +278,8 @@ def stage_manifest_and_wait(
         return int(pipe.execute()[-1])
 
 
-def _as_int(raw: Any) -> int | None:
+def parse_version(raw: Any) -> int | None:
+    """A version number as stored in ``latest`` or the pin; None when unset or not a number."""
     if raw is None:
         return None
     try:
@@ -290,7 +292,7 @@ def read_head(client: Any, keys: KeySpace) -> tuple[int | None, int | None]:
     """``(latest, pin)``: the newest committed version and the operator's pin, each None if unset."""
     with translate_errors("reading the latest version", client):
         latest, pin = client.mget([keys.latest, keys.pin])
-    return _as_int(latest), _as_int(pin)
+    return parse_version(latest), parse_version(pin)
 
 
 def read_manifest(client: Any, keys: KeySpace, version: int, config: BusConfig) -> tuple[Manifest, bytes]:
@@ -327,7 +329,7 @@ def read_head_and_manifest(
         pipe.strlen(key)
         pipe.getrange(key, 0, config.max_manifest_bytes - 1)
         (latest, pin), size, data = pipe.execute()
-    return _as_int(latest), _as_int(pin), (size, data)
+    return parse_version(latest), parse_version(pin), (size, data)
 
 
 def read_head_manifest_and_chunks(
@@ -360,7 +362,7 @@ def read_head_manifest_and_chunks(
             if isinstance(reply, Exception):
                 raise reply
     (latest, pin), size, data = replies
-    return _as_int(latest), _as_int(pin), (size, data)
+    return parse_version(latest), parse_version(pin), (size, data)
 
 
 def decode_fetched_manifest(keys: KeySpace, version: int, size: int, data: bytes, config: BusConfig) -> Manifest:

@@ -850,7 +850,8 @@ def _latency_worker(url: str, ns: str, kind: str, mode: str, idx: int, done: Any
     times: list[tuple[int, float]] = []
 
     def record(version: int) -> None:
-        times.append((version, time.perf_counter()))  # CLOCK_MONOTONIC: one clock for every process
+        # perf_counter is CLOCK_MONOTONIC: one clock for every process; process_time: this worker's CPU so far
+        times.append((version, time.perf_counter(), time.process_time()))
         done.release()  # tells the publisher (after the time is taken)
 
     if mode == "immediate":
@@ -881,65 +882,108 @@ def run_latency(url: str, configs: Sequence[tuple[str, str, int]], publishes: in
     one (plus 2 ms), so versions never queue; latency runs from the start of
     the ``publish()`` call to the worker's ``on_apply`` (or the return of its
     ``wait_for_version()``), both read from the one system-wide monotonic clock.
+
+    Also the CPU time each version costs the publisher process, Redis and each
+    subscriber: when the processes outnumber the cores, the scheduler shares
+    the cores out among all the subscribers at once, so they finish together,
+    at about (total CPU per version) / (cores) after the notice.
+
+    The stand-in training step between two publishes (``bump``) runs on one
+    thread: torch's idle intra-op threads would otherwise spin on the cores
+    the subscribers need, which measures the benchmark's training step, not the bus.
     """
     ctx = mp_context()
     out: dict[str, Any] = {}
-    for kind, mode, subscribers in configs:
-        policy = small_policy(kind)
-        nbytes = policy_bytes(policy)
-        src = TensorDict.from_module(policy)
-        log(f"latency: {kind} MLP ({human(nbytes)}), {subscribers} subscribers, apply={mode}, {publishes} publishes")
-        ns = f"bench-{RUN_ID}-lat-{uuid.uuid4().hex[:6]}"
-        done = ctx.Semaphore(0)
-        ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-        procs = [ctx.Process(target=_latency_worker, args=(url, ns, kind, mode, i, done, ready, results, stop),
-                             daemon=True) for i in range(subscribers)]  # fmt: skip
-        for p in procs:
-            p.start()
-        try:
-            wait_ready(ready, len(procs), procs, "latency")
-            sent: dict[int, float] = {}
-            call_ms: list[float] = []
-            with WeightPublisher(url, namespace=ns) as pub:
-                for i in range(warmup + publishes):
-                    bump(policy)
-                    t0 = time.perf_counter()
-                    version = pub.publish(src)
-                    call_ms.append((time.perf_counter() - t0) * 1e3)
-                    if i >= warmup:
-                        sent[version] = t0
-                    for _ in procs:  # every worker applied it (a missed notice shows as a late apply)
-                        done.acquire(timeout=10)
-                    time.sleep(0.002)  # let the workers' post-apply reports settle before the next version
-            stop.set()
-            while done.acquire(timeout=0):  # releases of versions not waited for (none expected)
-                pass
-            per_worker: list[float] = []
-            all_applied: dict[int, float] = {}
-            got = 0
-            for _ in procs:
-                with contextlib.suppress(Exception):
-                    _, times = results.get(timeout=30)
-                    got += 1
-                    for version, t in times:
-                        if version in sent:
-                            per_worker.append((t - sent[version]) * 1e3)
-                            all_applied[version] = max(all_applied.get(version, 0.0), t)
-        finally:
-            stop.set()
-            _stop_all(procs)
-        last = [(t - sent[v]) * 1e3 for v, t in all_applied.items()]
-        missed = publishes * subscribers - len(per_worker)
-        out[f"{kind}/{mode}/{subscribers}"] = {
-            "policy_bytes": nbytes, "subscribers": subscribers, "publishes": publishes, "mode": mode,
-            "workers_reporting": got, "missed": missed,
-            "p50_ms": percentile(per_worker, 0.5), "p99_ms": percentile(per_worker, 0.99),
-            "max_ms": max(per_worker) if per_worker else None,
-            "all_applied_p50_ms": percentile(last, 0.5), "all_applied_p99_ms": percentile(last, 0.99),
-            "publish_call_p50_ms": percentile(call_ms[warmup:], 0.5),
-            "samples_ms": per_worker,
-        }  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind, mode, subscribers in configs:
+            out[f"{kind}/{mode}/{subscribers}"] = _latency_run(ctx, url, kind, mode, subscribers, publishes=publishes,
+                                                               warmup=warmup)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return out
+
+
+def _redis_cpu(url: str) -> float:
+    client = BusConfig.from_url(url).client()
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _latency_run(ctx: Any, url: str, kind: str, mode: str, subscribers: int, *, publishes: int,
+                 warmup: int) -> dict[str, Any]:  # fmt: skip
+    """One latency configuration (see :func:`run_latency`)."""
+    policy = small_policy(kind)
+    nbytes = policy_bytes(policy)
+    src = TensorDict.from_module(policy)
+    log(f"latency: {kind} MLP ({human(nbytes)}), {subscribers} subscribers, apply={mode}, {publishes} publishes")
+    ns = f"bench-{RUN_ID}-lat-{uuid.uuid4().hex[:6]}"
+    done = ctx.Semaphore(0)
+    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_latency_worker, args=(url, ns, kind, mode, i, done, ready, results, stop),
+                         daemon=True) for i in range(subscribers)]  # fmt: skip
+    for p in procs:
+        p.start()
+    try:
+        wait_ready(ready, len(procs), procs, "latency")
+        sent: dict[int, float] = {}
+        call_ms: list[float] = []
+        with WeightPublisher(url, namespace=ns) as pub:
+            for i in range(warmup + publishes):
+                if i == warmup:
+                    cpu0, redis0 = time.process_time(), _redis_cpu(url)
+                bump(policy)
+                t0 = time.perf_counter()
+                version = pub.publish(src)
+                call_ms.append((time.perf_counter() - t0) * 1e3)
+                if i >= warmup:
+                    sent[version] = t0
+                for _ in procs:  # every worker applied it (a missed notice shows as a late apply)
+                    done.acquire(timeout=10)
+                time.sleep(0.002)  # a breath between versions: they never queue
+        publisher_cpu, redis_cpu = time.process_time() - cpu0, _redis_cpu(url) - redis0
+        stop.set()
+        while done.acquire(timeout=0):  # releases of versions not waited for (none expected)
+            pass
+        per_worker: list[float] = []
+        all_applied: dict[int, float] = {}
+        worker_cpu: list[float] = []
+        got = 0
+        for _ in procs:
+            with contextlib.suppress(Exception):
+                _, times = results.get(timeout=30)
+                got += 1
+                for version, t, _cpu in times:
+                    if version in sent:
+                        per_worker.append((t - sent[version]) * 1e3)
+                        all_applied[version] = max(all_applied.get(version, 0.0), t)
+                measured = [(v, cpu) for v, _, cpu in times if v in sent]
+                before = [cpu for v, _, cpu in times if v < min(sent)]
+                if measured and before:  # from the apply before the first measured version to the last
+                    worker_cpu.append((measured[-1][1] - before[-1]) / len(measured))
+    finally:
+        stop.set()
+        _stop_all(procs)
+    last = [(t - sent[v]) * 1e3 for v, t in all_applied.items()]
+    missed = publishes * subscribers - len(per_worker)
+    return {
+        "policy_bytes": nbytes, "subscribers": subscribers, "publishes": publishes, "mode": mode,
+        "workers_reporting": got, "missed": missed,
+        "p50_ms": percentile(per_worker, 0.5), "p99_ms": percentile(per_worker, 0.99),
+        "max_ms": max(per_worker) if per_worker else None,
+        "all_applied_p50_ms": percentile(last, 0.5), "all_applied_p99_ms": percentile(last, 0.99),
+        "publish_call_p50_ms": percentile(call_ms[warmup:], 0.5),
+        "cpu_ms_per_version": {
+            "publisher": publisher_cpu / publishes * 1e3,
+            "redis": redis_cpu / publishes * 1e3,
+            "subscriber_mean": (sum(worker_cpu) / len(worker_cpu) * 1e3) if worker_cpu else None,
+        },
+        "samples_ms": per_worker,
+    }  # fmt: skip
 
 
 def _fanout_worker(url: str, kind: str, ns: str, size: int, nbytes: int, idx: int, barrier: Any, results: Any,
@@ -1309,15 +1353,21 @@ def render(results: dict[str, Any]) -> str:
         any_ = next(iter(lat.values()))
         lines.append(f"Small-policy latency: start of publish() -> applied in a subscriber process, {any_['publishes']} "
                      "publishes (ms; p50/p99 over every worker and version; 'all' = the last worker of each version)")  # fmt: skip
-        head = (f"{'policy':<18} {'apply':<10} {'subscribers':>11} {'p50':>7} {'p99':>7} {'max':>7}   {'all p50':>7} {'all p99':>7}"
-                f"   {'publish() p50':>13}")  # fmt: skip
+        lines.append("CPU ms per version: the publisher process, Redis, each subscriber (mean), and all of them "
+                     f"together over the machine's {os.cpu_count()} cores (the wall time they need at the least)")  # fmt: skip
+        head = (f"{'policy':<20} {'apply':<10} {'subs':>4} {'p50':>6} {'p99':>6} {'max':>6}   {'all p50':>7} {'all p99':>7}"
+                f"   {'publish()':>9}   {'CPU: pub':>8} {'redis':>6} {'sub':>5} {'/cores':>6}")  # fmt: skip
         lines.append(head)
         lines.append("-" * len(head))
         for key, e in lat.items():
             kind, mode, subs = key.split("/")
-            lines.append(f"{kind + ' MLP (' + human(e['policy_bytes']) + ')':<18} {mode:<10} {subs:>11} {fmt(e['p50_ms']):>7} "
-                         f"{fmt(e['p99_ms']):>7} {fmt(e['max_ms']):>7}   {fmt(e['all_applied_p50_ms']):>7} "
-                         f"{fmt(e['all_applied_p99_ms']):>7}   {fmt(e['publish_call_p50_ms']):>13}"
+            cpu = e.get("cpu_ms_per_version") or {}
+            parts = [cpu.get("publisher"), cpu.get("redis"), cpu.get("subscriber_mean")]
+            per_core = None if None in parts else (parts[0] + parts[1] + parts[2] * int(subs)) / (os.cpu_count() or 1)
+            lines.append(f"{kind + ' MLP (' + human(e['policy_bytes']) + ')':<20} {mode:<10} {subs:>4} {fmt(e['p50_ms']):>6} "
+                         f"{fmt(e['p99_ms']):>6} {fmt(e['max_ms']):>6}   {fmt(e['all_applied_p50_ms']):>7} "
+                         f"{fmt(e['all_applied_p99_ms']):>7}   {fmt(e['publish_call_p50_ms']):>9}   "
+                         f"{fmt(parts[0]):>8} {fmt(parts[1]):>6} {fmt(parts[2]):>5} {fmt(per_core):>6}"
                          + (f"   ({e['missed']} missed)" if e["missed"] else ""))  # fmt: skip
     fan = results.get("fanout", {})
     if fan:
