@@ -92,8 +92,9 @@ def collect(
     with translate_errors("garbage-collecting old versions", client):
         pipe = client.pipeline(transaction=False)
         pipe.zrange(keys.versions, 0, -1)
-        pipe.mget([keys.latest, keys.pin])
-        index, head = pipe.execute()
+        pipe.get(keys.latest)  # not MGET: a cluster pipeline refuses it
+        pipe.get(keys.pin)
+        index, *head = pipe.execute()
         committed = [int(v) for v in index]
         protected = set(committed[-keep:]) | {v for v in map(parse_version, head) if v is not None}
         report.kept = [v for v in committed if v in protected]
