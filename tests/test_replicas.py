@@ -79,12 +79,20 @@ def test_workers_pull_from_the_replica_and_the_publisher_waits_for_it(replica_se
         assert sub.stats()["errors"] == 0
 
 
+def _replicated(replica, version: int) -> int:
+    """Wait until ``replica`` holds ``version``'s manifest: the publisher's WAIT gives up after
+    ``wait_timeout`` (0.2-0.3 s here), and a loaded machine can take longer to copy."""
+    with replica.client() as r:
+        assert wait_until(lambda: r.exists(KEYS.manifest(version)) == 1)
+    return version
+
+
 def test_a_replica_that_lags_makes_the_worker_fall_back_to_the_primary(replica_set):
     primary, replica = replica_set.primary, replica_set.replicas[0]
     url = f"{replica_set.url}?replicas={replica.address}&wait_timeout=0.2"
     target = zeros_like_policy()
     with WeightPublisher(url, namespace=NS) as pub, WeightSubscriber(url, namespace=NS, target=target) as sub:
-        pub.publish(make_policy(1))
+        _replicated(replica, pub.publish(make_policy(1)))
         assert sub.sync() == 1
         with replica.client() as r:
             r.replicaof("no", "one")  # detached: it keeps version 1 and misses everything after
@@ -100,7 +108,7 @@ def test_a_replica_that_lags_makes_the_worker_fall_back_to_the_primary(replica_s
         with replica.client() as r:
             assert wait_until(lambda: r.exists(KEYS.manifest(v2)) == 1)
         _reset_stats(primary)
-        v3 = pub.publish(make_policy(3))
+        v3 = _replicated(replica, pub.publish(make_policy(3)))
         assert sub.sync() == v3
         assert sub.stats()["replica_fallbacks"] == 1
         assert "getrange" not in _stats(primary)
@@ -111,7 +119,7 @@ def test_a_hung_replica_costs_one_timeout_then_the_primary_serves(replica_set, c
     url = f"{replica_set.url}?replicas={replica.address}&wait_timeout=0.3&socket_timeout=1"
     target = zeros_like_policy()
     with WeightPublisher(url, namespace=NS) as pub, WeightSubscriber(url, namespace=NS, target=target) as sub:
-        pub.publish(make_policy(1))
+        _replicated(replica, pub.publish(make_policy(1)))
         assert sub.sync() == 1
         replica.pause()
         try:
