@@ -218,7 +218,8 @@ def mutated_bodies(draw: st.DrawFn) -> bytes:
                 body["tensors"][i] = {**body["tensors"][i], "key": key}
         elif where == "chunk" and isinstance(body.get("chunks"), list) and body["chunks"]:
             i = draw(st.integers(0, len(body["chunks"]) - 1))
-            chunk = list(body["chunks"][i]) if isinstance(body["chunks"][i], list) else [0, 0]
+            chunk = list(body["chunks"][i]) if isinstance(body["chunks"][i], list) else []
+            chunk += [0] * (2 - len(chunk))  # an earlier mutation may have left a shorter list here
             chunk[draw(st.integers(0, 1))] = value
             body["chunks"][i] = chunk
     data = pack(body)
