@@ -45,7 +45,7 @@ from .transport import (
     translate_errors,
     uses_sharded_pubsub,
 )
-from .wire import Manifest, Notice, decode_notice, verify_chunks
+from .wire import Manifest, Notice, TensorEntry, decode_notice, verify_chunks
 
 __all__ = ["WeightSubscriber"]
 
@@ -292,14 +292,16 @@ class WeightSubscriber:
 
     # -- applying ----------------------------------------------------------------------------
 
-    def _apply_staged(self) -> int | None:
+    def _apply_staged(self, pairs: list[tuple[TensorEntry, torch.Tensor]] | None = None) -> int | None:
+        """Apply the staged version; ``pairs``: its match against the target, made by the pull just now."""
         with self._cond:
             manifest = self._staged
             if manifest is None:
                 return None
             self._staged = None
             try:
-                pairs = match_target(manifest, target_leaves(self.target))
+                if pairs is None:
+                    pairs = match_target(manifest, target_leaves(self.target))
             except SchemaMismatchError as exc:
                 self._condemn(manifest.version, exc)
                 return None
@@ -354,7 +356,7 @@ class WeightSubscriber:
                 prefetched, fetched = (fetched if announced else None), None
                 in_staging, landed = (landed if announced else None), None
                 try:
-                    manifest = self._pull(wanted, prefetched, in_staging)
+                    manifest, pairs = self._pull(wanted, prefetched, in_staging)
                 except VersionNotFoundError as exc:
                     latest, pin = read_head(self._client, self.keys)
                     if latest == wanted and pin is None:
@@ -370,7 +372,7 @@ class WeightSubscriber:
                     self._staged = manifest
                     self._cond.notify_all()
                 if self.apply_mode == "immediate":
-                    self._apply_staged()
+                    self._apply_staged(pairs)  # on this thread, right away: the pull's match still holds
                 return
 
     def _read_announced(self, notice: Notice) -> tuple[int | None, int | None, tuple[int, bytes] | None, int | None]:
@@ -416,11 +418,14 @@ class WeightSubscriber:
             self._replica = configs[zlib.crc32(self.worker_id.encode()) % len(configs)].client(retries=0)
         return self._replica
 
-    def _pull(self, version: int, fetched: tuple[int, bytes] | None = None, landed: int | None = None) -> Manifest:
+    def _pull(
+        self, version: int, fetched: tuple[int, bytes] | None = None, landed: int | None = None
+    ) -> tuple[Manifest, list[tuple[TensorEntry, torch.Tensor]]]:
         """Pull ``version`` from this worker's read replica if it has one, else (or if it lags) from the primary.
 
         ``fetched``: the version's manifest as read from the primary with ``latest``;
         ``landed``: its chunks are in staging already, read with this chunk size.
+        Returns the verified manifest and its match against the target.
         """
         replica = self._replica_client()
         if replica is not None:
@@ -436,7 +441,7 @@ class WeightSubscriber:
 
     def _pull_from(
         self, client: Any, version: int, fetched: tuple[int, bytes] | None = None, landed: int | None = None
-    ) -> Manifest:
+    ) -> tuple[Manifest, list[tuple[TensorEntry, torch.Tensor]]]:
         if fetched is not None:
             manifest = decode_fetched_manifest(self.keys, version, *fetched, self.config)
         else:
@@ -445,7 +450,7 @@ class WeightSubscriber:
             verify_signature(manifest, self.config.signing_key)
         elif manifest.signature is not None:
             log.debug("version %d is signed but this worker has no key; checksums only", version)
-        match_target(manifest, target_leaves(self.target))
+        pairs = match_target(manifest, target_leaves(self.target))
         self._stats["pulls"] += 1
         if landed == manifest.chunk_size and self._staging.size == manifest.total_bytes:
             blob = self._staging.memoryview()
@@ -457,7 +462,7 @@ class WeightSubscriber:
         if self.config.signing_key:
             verify_chunk_digests(manifest, blob)
         self._stats["bytes_pulled"] += manifest.total_bytes
-        return manifest
+        return manifest, pairs
 
     def _count_error(self, exc: BaseException) -> None:
         with self._cond:
