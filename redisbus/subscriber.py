@@ -383,10 +383,12 @@ class WeightSubscriber:
         None): the common RL case, a policy of a few MB, reaches every worker
         in one round trip after its notice.
         """
+        with self._cond:  # an apply copying out of staging holds it: wait for the copy to finish
+            staging_free = self._staged is None  # else it holds a verified version waiting for sync()
         one_trip = (
-            notice.chunk_size is not None
+            staging_free
+            and notice.chunk_size is not None
             and notice.total_bytes <= min(defaults.ONE_TRIP_PULL_BYTES, self.config.max_blob_bytes)
-            and self._staged is None  # staging holds a verified version waiting for sync()
             and not is_cluster(self._client)
         )
         if one_trip:

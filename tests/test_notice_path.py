@@ -7,6 +7,7 @@ Real redis-server processes come from the shared ``redis_server_factory`` fixtur
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgpack
@@ -206,3 +207,38 @@ def test_no_spare_catch_up_after_an_immediate_apply(server, monkeypatch):
             assert sub.wait_for_version(pub.publish(_policy(seed)), timeout=10) == seed
         time.sleep(0.3)
         assert heads["n"] == 0  # each notice read latest with its manifest; nothing read it again
+
+
+def test_a_notice_during_sync_never_overwrites_the_version_being_applied(server, monkeypatch):
+    """sync() copies version 1 out of staging while version 2's notice arrives: the one-trip read of
+    version 2 waits for the copy, so the target holds version 1 exactly, then version 2 exactly."""
+    import redisbus.buffers as buffers
+
+    real_copy_out = buffers.HostBuffer.copy_out
+    copying = threading.Event()
+
+    def slow_copy_out(self, pairs):
+        copying.set()
+        time.sleep(0.5)  # version 2 is published, announced and read meanwhile
+        return real_copy_out(self, pairs)
+
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, **SLOW_POLL
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        pub.publish(_policy(1))
+        assert _wait(lambda: sub.staged_version == 1)
+        monkeypatch.setattr(buffers.HostBuffer, "copy_out", slow_copy_out)
+        applying = threading.Thread(target=sub.sync)
+        applying.start()
+        assert copying.wait(5)
+        pub.publish(_policy(2))
+        applying.join(10)
+        assert sub.version == 1
+        assert (target == _policy(1)).all()
+        monkeypatch.setattr(buffers.HostBuffer, "copy_out", real_copy_out)
+        assert _wait(lambda: sub.staged_version == 2, timeout=5)
+        assert sub.sync() == 2
+        assert (target == _policy(2)).all()
