@@ -222,17 +222,22 @@ class Soak:
         self.publish_failures = 0
         self.restarts = 0
         self.publishing = threading.Event()
+        self.chaos_done = threading.Event()
+        self.republished = 0
         self.last: tuple[int, str] | None = None
 
     def chaos(self) -> None:
-        while self.publishing.is_set():
-            time.sleep(self.rng.uniform(self.args.kill_min, self.args.kill_max))
-            if not self.publishing.is_set():
-                break
-            self.server.kill()
-            time.sleep(self.rng.uniform(0.0, self.args.down_max))
-            self.server.start()
-            self.restarts += 1
+        try:
+            while self.publishing.is_set():
+                time.sleep(self.rng.uniform(self.args.kill_min, self.args.kill_max))
+                if not self.publishing.is_set():
+                    break
+                self.server.kill()
+                time.sleep(self.rng.uniform(0.0, self.args.down_max))
+                self.server.start()
+                self.restarts += 1
+        finally:
+            self.chaos_done.set()
 
     def trainer(self) -> None:
         import redisbus.publisher as publisher_module
@@ -276,6 +281,15 @@ class Soak:
                     self.committed[version] = (weights, time.time())
                     self.last = (version, weights)
                 time.sleep(self.args.interval)
+            self.publishing.clear()
+            self.chaos_done.wait()
+            # A kill just after the last publish takes that version with it (no persistence): publish the
+            # last weights again, as a trainer does after an outage (same publisher: numbers keep rising).
+            if self.last is not None and pub.latest_version() != self.last[0]:
+                version = pub.publish(policy, metadata={"step": self.args.versions, "republished": True})
+                self.committed[version] = (self.last[1], time.time())
+                self.last = (version, self.last[1])
+                self.republished += 1
         publisher_module.commit_version = real_commit
 
     def run(self) -> dict[str, Any]:
@@ -364,6 +378,7 @@ class Soak:
             "final_version": final_version,
             "poisoned_versions": sorted(self.poisoned_versions),
             "publish_failures": self.publish_failures,
+            "republished_after_loss": self.republished,
             "restarts": self.restarts,
             "max_lag_seconds": round(max_lag, 3),
             "elapsed_seconds": round(elapsed, 1),
