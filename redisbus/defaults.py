@@ -45,6 +45,8 @@ BACKOFF_BASE_SECONDS = 0.05
 BACKOFF_CAP_SECONDS = 2.0
 #: Versions up to this size reach a worker in one round trip after their notice (manifest and chunks together).
 ONE_TRIP_PULL_BYTES = 16 * 1024 * 1024
+#: ... and in at most this many chunks: a notice's chunk size is unverified until the manifest arrives.
+ONE_TRIP_MAX_CHUNKS = 64
 #: Times a reader retries with ``latest`` after losing a race with garbage collection.
 GC_RACE_RETRIES = 5
 #: Longest a publisher ``WAIT``s for its replicas before it commits anyway, seconds.

@@ -34,9 +34,9 @@ from .tensors import Target, match_target, target_leaves
 from .transport import (
     RedisSource,
     decode_fetched_manifest,
+    is_cluster,
     read_chunks_into,
     read_head,
-    is_cluster,
     read_head_and_manifest,
     read_head_manifest_and_chunks,
     read_manifest,
@@ -385,25 +385,26 @@ class WeightSubscriber:
         """
         with self._cond:  # an apply copying out of staging holds it: wait for the copy to finish
             staging_free = self._staged is None  # else it holds a verified version waiting for sync()
-        one_trip = (
-            staging_free
-            and notice.chunk_size is not None
-            and notice.total_bytes <= min(defaults.ONE_TRIP_PULL_BYTES, self.config.max_blob_bytes)
+        size, chunk = notice.total_bytes, notice.chunk_size
+        if (
+            chunk is not None
+            and staging_free
+            and size <= min(defaults.ONE_TRIP_PULL_BYTES, self.config.max_blob_bytes)
+            and -(-size // chunk) <= defaults.ONE_TRIP_MAX_CHUNKS
             and not is_cluster(self._client)
-        )
-        if one_trip:
-            self._reserve_staging(notice.total_bytes)
+        ):
+            self._reserve_staging(size)
             try:
                 latest, pin, fetched = read_head_manifest_and_chunks(
-                    self._client, self.keys, notice.version, notice.chunk_size, self._staging.memoryview(), self.config
+                    self._client, self.keys, notice.version, chunk, self._staging.memoryview(), self.config
                 )  # fmt: skip
-                return latest, pin, fetched, notice.chunk_size
+                return latest, pin, fetched, chunk
             except (VersionNotFoundError, CorruptBlobError) as exc:
                 # GC won a race, or the notice's layout is not its version's: the two round trips below
                 # find out which and say it (a version is condemned only for what its manifest says)
                 log.debug("worker %s: one-trip pull of version %d failed (%s)", self.worker_id, notice.version, exc)
-        latest, pin, fetched = read_head_and_manifest(self._client, self.keys, notice.version, self.config)
-        return latest, pin, fetched, None
+        head = read_head_and_manifest(self._client, self.keys, notice.version, self.config)
+        return (*head, None)
 
     def _reserve_staging(self, size: int) -> None:
         if self._copy_done is not None:

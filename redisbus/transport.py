@@ -513,7 +513,7 @@ def read_values_into(
 
 
 def _per_master(
-    client: RedisCluster, names: Sequence[str], work: Callable[[Any, list[int]], None], fallback: Callable[[], None]
+    client: RedisCluster, names: Sequence[str], work: Callable[[Any, list[int]], object], fallback: Callable[[], object]
 ) -> None:
     """Run ``work(node_client, indices)`` for each master's share of ``names``, all masters in parallel.
 
