@@ -37,9 +37,9 @@ FAST = {
 BIG_FLOATS = 12 * 1024 * 1024  # 48 MB of float32: long enough to kill the server in the middle of a transfer
 
 
-def big_policy(seed: int) -> TensorDict:
+def big_policy(seed: int, floats: int = BIG_FLOATS) -> TensorDict:
     g = torch.Generator().manual_seed(seed)
-    return TensorDict({"w": torch.randn(BIG_FLOATS, generator=g), "b": torch.randn(8, generator=g)}, [])
+    return TensorDict({"w": torch.randn(floats, generator=g), "b": torch.randn(8, generator=g)}, [])
 
 
 def digest(td: TensorDict) -> str:
@@ -149,6 +149,55 @@ def test_redis_killed_and_restarted_no_torn_apply_and_the_next_version_reaches_e
         finally:
             for w in workers:
                 w.sub.close()
+
+
+def test_redis_killed_during_a_one_trip_pull_leaves_the_target_whole(redis_server, monkeypatch):
+    """A small version's head, manifest and chunks come in one request: the server dies after the
+    request went out and before the first reply is read. The target keeps version 1 bit for bit, and
+    the worker takes the next version after an empty restart."""
+    small = 512 * 1024  # 2 MiB of float32 in 1 MiB chunks: one trip
+    expected: dict[int, str] = {}
+    armed, killed = threading.Event(), threading.Event()
+    real_read_reply = resp_module._Wire.read_reply
+
+    def kill_first(self, depth=0):
+        if armed.is_set() and depth == 0 and not killed.is_set():
+            redis_server.kill()
+            killed.set()
+        return real_read_reply(self, depth)
+
+    one_trips: list[int] = []
+    real_one_trip = subscriber_module.read_head_manifest_and_chunks
+
+    def counting(*args, **kwargs):
+        one_trips.append(args[2])
+        return real_one_trip(*args, **kwargs)
+
+    monkeypatch.setattr(resp_module._Wire, "read_reply", kill_first)
+    monkeypatch.setattr(subscriber_module, "read_head_manifest_and_chunks", counting)
+    policies = {seed: big_policy(seed, small) for seed in (1, 2, 3)}
+    with WeightPublisher(redis_server.url, namespace=NS, chunk_size=1 << 20, **FAST) as pub:
+        worker = Worker(redis_server.url, expected, big_policy(0, small), "w0")
+        try:
+            worker.sub.start()
+            expected[1] = digest(policies[1])
+            assert pub.publish(policies[1]) == 1
+            assert worker.sub.wait_for_version(1, timeout=20) == 1
+            armed.set()
+            expected[2] = digest(policies[2])
+            assert pub.publish(policies[2]) == 2
+            assert killed.wait(10), "the worker's one-trip read never started"
+            time.sleep(0.5)
+            assert worker.sub.version == 1 and digest(worker.target) == expected[1]
+            assert worker.sub.stats()["reconnects"] >= 1
+            redis_server.start()  # same port, empty
+            expected[3] = digest(policies[3])
+            assert pub.publish(policies[3]) == 3
+            assert worker.sub.wait_for_version(3, timeout=20) == 3
+            assert digest(worker.target) == expected[3] and worker.torn == []
+            assert 2 in one_trips  # the read the kill cut was the one-trip read
+        finally:
+            worker.sub.close()
 
 
 # --------------------------------------------------------------------------- half-open connection
