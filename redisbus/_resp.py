@@ -43,7 +43,14 @@ from typing import Any, TypeVar, Union
 import redis
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-from .errors import BusConnectionError, CorruptBlobError, PublishError, RedisBusError, VersionNotFoundError
+from .errors import (
+    BusConnectionError,
+    CorruptBlobError,
+    PublishError,
+    RedisBusError,
+    RedisCommandError,
+    VersionNotFoundError,
+)
 
 __all__ = ["Command", "Payload", "fast_path_available", "payload_len", "read_chunks_into", "write_chunks"]
 
@@ -193,6 +200,8 @@ def read_chunks_into(
         CorruptBlobError: a value's length differs from its view's (names the
             key and both lengths), or the key holds another type.
         BusConnectionError: the socket failed, timed out or was closed.
+        RedisCommandError: Redis refused a ``GET`` (an ACL rule: ``NOPERM``...);
+            the connection stays in sync.
         ValueError: ``keys`` and ``views`` differ in length, or ``first`` with
             several connections.
     """
@@ -273,7 +282,7 @@ def _read_chunks_into_plain(
             if isinstance(value, Exception):
                 if "WRONGTYPE" in str(value):
                     raise CorruptBlobError(f"chunk {key!r} is not a string value: {value}") from value
-                raise BusConnectionError(f"Redis refused to read chunk {key!r}: {value}") from value
+                raise RedisCommandError(f"Redis refused to read chunk {key!r}: {value}") from value
             if value is None:
                 raise VersionNotFoundError(f"chunk {key!r} does not exist")
             if isinstance(value, str):
@@ -823,7 +832,7 @@ def _read_on(
                 if message.startswith("WRONGTYPE"):
                     failure = failure or CorruptBlobError(f"chunk {key!r} is not a string value: {message}")
                 else:
-                    failure = failure or BusConnectionError(f"Redis refused to read chunk {key!r}: {message}")
+                    failure = failure or RedisCommandError(f"Redis refused to read chunk {key!r}: {message}")
             else:
                 raise _ProtocolError(f"unexpected reply {header[:80]!r} to GET")
             outstanding -= expected

@@ -18,7 +18,7 @@ import torch
 
 from redisbus import _resp
 from redisbus.config import BusConfig
-from redisbus.errors import BusConnectionError, CorruptBlobError, PublishError, VersionNotFoundError
+from redisbus.errors import BusConnectionError, CorruptBlobError, PublishError, RedisCommandError, VersionNotFoundError
 
 MiB = 1 << 20
 CHUNK = 4 * MiB  # the default chunk size
@@ -286,7 +286,7 @@ def test_acl_refusals_keep_the_stream_in_sync(redis_server_factory):
     reader = server.client(username="reader", password="pw", socket_timeout=10)
     _resp.write_chunks(writer, [("t:a", memoryview(b"a" * 100)), ("t:b", memoryview(b"b" * MiB))])
     before = writer.client_id()
-    with pytest.raises(BusConnectionError, match="t:a.*NOPERM"):
+    with pytest.raises(RedisCommandError, match="t:a.*NOPERM"):
         _resp.read_chunks_into(writer, ["t:a", "t:b"], [memoryview(bytearray(100)), memoryview(bytearray(MiB))])
     assert writer.client_id() == before
     with pytest.raises(PublishError, match="t:c.*NOPERM"):
