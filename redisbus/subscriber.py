@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -561,6 +562,9 @@ class WeightSubscriber:
                 log.exception("worker %s listener error", self.worker_id)
                 pubsub = self._drop(pubsub)
                 self._stop.wait(self._backoff.compute(failures))
+        if self._report_due_at is not None:  # the last apply before close(): report it on the way out
+            with contextlib.suppress(Exception):
+                self._report()
         self._drop(pubsub)
 
     def _check_notice_connection(self, pubsub: Any, message: Any) -> None:

@@ -289,6 +289,19 @@ def test_gc_striking_mid_pull(bus, monkeypatch, grace, applied_first):
             assert sub.sync() == 2
 
 
+def test_a_worker_closed_right_after_an_apply_has_reported_it(bus):
+    """Reports of applied versions wait for a quiet listener; close() does not lose the last one."""
+    source, raw = bus
+    with WeightPublisher(source(), namespace=NS) as pub:
+        sub = WeightSubscriber(source(), namespace=NS, target=zeros_like_policy(), worker_id="short-lived",
+                               apply="immediate", heartbeat_interval=3600)  # fmt: skip
+        sub.start()
+        assert sub.wait_for_version(pub.publish(make_policy(1)), timeout=10) == 1
+        assert sub.wait_for_version(pub.publish(make_policy(2)), timeout=10) == 2
+        sub.close()
+        assert [(w.worker_id, w.version) for w in list_workers(raw, KeySpace(NS))] == [("short-lived", 2)]
+
+
 def test_workers_report_applied_version_and_heartbeat(bus):
     source, raw = bus
     with WeightPublisher(source(), namespace=NS) as pub, WeightSubscriber(
