@@ -79,11 +79,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """First port of the kernel's range for outgoing connections (32768 when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def pick_cluster_port(taken: set[int] | None = None) -> int:
-    """A free loopback port below 55535 whose cluster bus port (port + 10000) is free too."""
+    """A free loopback port whose cluster bus port (port + 10000) is free too, both below the kernel's
+    ephemeral range: a port found free there can be taken by any outgoing connection before the node binds it."""
     taken = taken or set()
+    high = max(10001, min(55000, _ephemeral_low() - 10001))
     for _ in range(1000):
-        port = random.randint(20000, 55000)
+        port = random.randint(10000, high)
         if port in taken or port == FORBIDDEN_PORT or port + 10000 in taken:
             continue
         if _port_free(port) and _port_free(port + 10000):
