@@ -14,6 +14,7 @@ memory) or a publish failed; 130 interrupted.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from .exit_codes import (
     EXIT_CODES,
     EXIT_CONNECTION,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_REFUSED,
     EXIT_VERIFY_FAILED,
     exit_code_for,
@@ -58,6 +60,11 @@ class _Group(click.Group):
             raise _failure(ctx, str(exc), exit_code_for(exc)) from None
         except KeyboardInterrupt:
             raise _failure(ctx, "interrupted", EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader of our output went away (``redisbus watch | head``): stop quietly, as Ctrl-C does,
+            # and let the interpreter's last flush go nowhere instead of failing on the closed pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_OK)
         except Exception as exc:
             import redis
 

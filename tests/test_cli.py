@@ -431,3 +431,28 @@ def test_watch_stops_cleanly_on_ctrl_c(url):
     finally:
         proc.kill()
     assert proc.returncode == 0 and err == ""
+
+
+def test_watch_piped_into_a_reader_that_stops_ends_quietly_with_0(url):
+    """``redisbus watch | head -1``: once the reader is gone, the next line ends watch with status 0
+    and nothing on stderr (not click's status 1, which here means "verification failed")."""
+    script = shutil.which("redisbus") or str(Path(sys.executable).with_name("redisbus"))
+    if not Path(script).exists():
+        pytest.skip("the redisbus console script is not installed (pip install -e .)")
+    publish_versions(url, 1, namespace=NS)
+    proc = subprocess.Popen([script, "--url", url, "-n", NS, "watch", "--interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.readline().decode()
+        assert first.startswith(f"watching namespace '{NS}'")
+        proc.stdout.close()  # what head does after its first line
+        for seed in range(3, 6):  # each commit is a line to write into the closed pipe
+            publish_versions(url, 1, namespace=NS, start_seed=seed)
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        proc.wait(timeout=30)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and err == "", err
