@@ -230,7 +230,7 @@ class BusConfig:
         Raises:
             ConfigError: as :meth:`from_url`.
         """
-        url = url or os.environ.get(ENV_URL) or "redis://127.0.0.1:6379/0"
+        url = url or os.environ.get(ENV_URL) or defaults.URL
         if "namespace" not in overrides and os.environ.get(ENV_NAMESPACE):
             overrides["namespace"] = os.environ[ENV_NAMESPACE]
         if "signing_key" not in overrides and os.environ.get(ENV_SIGNING_KEY):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 #: Key prefix of every key and channel redisbus writes.
 KEY_PREFIX = "rb"
+#: Redis used when no URL is given and REDISBUS_URL is unset.
+URL = "redis://127.0.0.1:6379/0"
 #: Namespace used when none is given and REDISBUS_NAMESPACE is unset.
 NAMESPACE = "default"
 #: Blob chunk size: big enough to amortise round trips, far below Redis's 512 MB value limit.

@@ -17,7 +17,7 @@ import redis
 import xxhash
 from redis.cluster import RedisCluster
 
-from . import _resp
+from . import _resp, defaults
 from .config import BusConfig
 from .errors import (
     BusConnectionError,
@@ -167,7 +167,8 @@ def resolve(source: RedisSource, namespace: str | None, overrides: dict[str, Any
         config = BusConfig.from_env(source, **overrides)
         return config, config.client(), True
     if hasattr(source, "execute_command"):
-        return BusConfig.from_env(**overrides), source, False
+        # the client says where Redis is: REDISBUS_URL is not read (a stale or malformed one must not matter)
+        return BusConfig.from_env(defaults.URL, **overrides), source, False
     raise TypeError(f"expected a Redis URL, a BusConfig or a redis.Redis client, not {type(source).__name__}")
 
 

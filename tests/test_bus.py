@@ -354,6 +354,17 @@ def test_bad_settings_are_refused_with_a_named_problem():
         WeightSubscriber("redis://localhost:6379", namespace=NS, target={"a": torch.zeros(1)})
 
 
+def test_a_given_client_ignores_redisbus_url(fake_redis, redis_server, monkeypatch):
+    """The client says where Redis is: a stale or malformed REDISBUS_URL must not break (or steer) anything."""
+    monkeypatch.setenv("REDISBUS_URL", "not a url")
+    for client in (fake_redis, redis_server.client()):
+        target = zeros_like_policy()
+        with WeightPublisher(client, namespace=NS) as pub, WeightSubscriber(client, namespace=NS, target=target) as sub:
+            version = pub.publish(make_policy(7))
+            assert sub.sync() == version and bit_identical(target, make_policy(7))
+            assert "not a url" not in repr(pub) + repr(sub)
+
+
 def test_config_from_env(monkeypatch):
     monkeypatch.setenv("REDISBUS_URL", "rediss://bus.internal:6380/2")
     monkeypatch.setenv("REDISBUS_NAMESPACE", "ppo-run-7")
