@@ -509,11 +509,13 @@ def test_watch_on_a_redis7_cluster_hears_the_sharded_notice_of_a_commit(cluster)
         pub.publish(make_policy(1))
         # an hour between polls: only the commit's notice, sent by SPUBLISH on this cluster, can wake the watch in time
         events = admin.watch(poll_interval=3600, timeout=20)
-        threading.Timer(0.3, lambda: pub.publish(make_policy(2), metadata={"step": 2})).start()
+        publishing = threading.Timer(0.3, lambda: pub.publish(make_policy(2), metadata={"step": 2}))
+        publishing.start()
         started = time.monotonic()
         event = next(events, None)
         elapsed = time.monotonic() - started
         events.close()
+        publishing.join(30)  # its garbage collection may still run: finish before the publisher closes
         assert event is not None and (event["event"], event["version"], event["metadata"]) == ("version", 2, {"step": 2})
         assert elapsed < 10
 
