@@ -7,8 +7,10 @@ Real redis-server processes come from the shared ``redis_server_factory`` fixtur
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import msgpack
 import pytest
@@ -56,6 +58,28 @@ def _count(monkeypatch, module, name: str, calls: dict[str, int]) -> None:
     monkeypatch.setattr(module, name, counting)
 
 
+@contextlib.contextmanager
+def _listening(
+    server, publisher: dict | None = None, **settings
+) -> Iterator[tuple[WeightPublisher, WeightSubscriber, TensorDict]]:
+    """A publisher and a started subscriber (``SLOW_POLL`` plus ``settings``) that has subscribed, and its target."""
+    target = _zeros()
+    with WeightPublisher(server.url, namespace=NS, **(publisher or {})) as pub, WeightSubscriber(
+        server.url, namespace=NS, target=target, **{**SLOW_POLL, **settings}
+    ) as sub:
+        sub.start()
+        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+        yield pub, sub, target
+
+
+def _follow(pub: WeightPublisher, sub: WeightSubscriber, target: TensorDict, seeds) -> None:
+    """Publish each seed's policy and check the subscriber applied exactly it."""
+    for seed in seeds:
+        version = pub.publish(_policy(seed))
+        assert sub.wait_for_version(version, timeout=10) == version
+        assert (target == _policy(seed)).all()
+
+
 def _forbid(monkeypatch, module, name: str) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError(f"the notice path called {name}: one more round trip")
@@ -68,19 +92,11 @@ def test_notice_pull_of_a_small_version_is_one_round_trip(server, monkeypatch):
     import redisbus.subscriber as subscriber_module
 
     calls: dict[str, int] = {}
-    target = _zeros()
-    with WeightPublisher(server.url, namespace=NS, chunk_size=1024) as pub, WeightSubscriber(
-        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
-    ) as sub:
-        sub.start()
-        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+    with _listening(server, {"chunk_size": 1024}, apply="immediate") as (pub, sub, target):
         _count(monkeypatch, subscriber_module, "read_head_manifest_and_chunks", calls)
         for name in ("read_head_and_manifest", "read_manifest", "read_chunks_into", "read_head"):
             _forbid(monkeypatch, subscriber_module, name)
-        for seed in (1, 2, 3):  # 8.3 KB in 1 KiB chunks: nine chunks, each verified
-            version = pub.publish(_policy(seed))
-            assert sub.wait_for_version(version, timeout=10) == version
-            assert (target == _policy(seed)).all()
+        _follow(pub, sub, target, (1, 2, 3))  # 8.3 KB in 1 KiB chunks: nine chunks, each verified
         assert calls["read_head_manifest_and_chunks"] == 3
         assert sub.stats()["errors"] == 0
 
@@ -91,19 +107,11 @@ def test_notice_pull_of_a_large_version_reads_head_and_manifest_together(server,
 
     monkeypatch.setattr(defaults, "ONE_TRIP_PULL_BYTES", 1024)  # the policy is larger: two round trips
     calls: dict[str, int] = {}
-    target = _zeros()
-    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
-        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
-    ) as sub:
-        sub.start()
-        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+    with _listening(server, apply="immediate") as (pub, sub, target):
         _count(monkeypatch, subscriber_module, "read_head_and_manifest", calls)
         _forbid(monkeypatch, subscriber_module, "read_head_manifest_and_chunks")
         _forbid(monkeypatch, subscriber_module, "read_manifest")
-        for seed in (1, 2, 3):
-            version = pub.publish(_policy(seed))
-            assert sub.wait_for_version(version, timeout=10) == version
-            assert (target == _policy(seed)).all()
+        _follow(pub, sub, target, (1, 2, 3))
         assert calls["read_head_and_manifest"] == 3
         assert sub.stats()["errors"] == 0
 
@@ -124,16 +132,8 @@ def test_notice_with_a_wrong_chunk_size_costs_a_round_trip_not_the_version(serve
     )
     calls: dict[str, int] = {}
     _count(monkeypatch, subscriber_module, "read_head_and_manifest", calls)
-    target = _zeros()
-    with WeightPublisher(server.url, namespace=NS, chunk_size=1024) as pub, WeightSubscriber(
-        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
-    ) as sub:
-        sub.start()
-        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
-        for seed in (1, 2):
-            version = pub.publish(_policy(seed))
-            assert sub.wait_for_version(version, timeout=10) == version
-            assert (target == _policy(seed)).all()
+    with _listening(server, {"chunk_size": 1024}, apply="immediate") as (pub, sub, target):
+        _follow(pub, sub, target, (1, 2))
         assert calls["read_head_and_manifest"] == 2  # the usual way, after each failed one-trip read
         assert sub.stats()["errors"] == 0 and sub.stats()["failed_versions"] == []
 
@@ -168,12 +168,7 @@ def test_bad_manifest_announced_by_a_notice_is_refused(server, monkeypatch):
 
 
 def test_catch_up_deferred_by_a_staged_version_runs_after_sync(server):
-    target = _zeros()
-    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
-        server.url, namespace=NS, target=target, **SLOW_POLL
-    ) as sub:
-        sub.start()
-        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+    with _listening(server) as (pub, sub, target):
         pub.publish(_policy(1))
         assert _wait(lambda: sub.staged_version == 1)
         pub.publish(_policy(2))  # notice arrives while 1 waits for sync(): the catch-up must wait too
@@ -188,25 +183,14 @@ def test_catch_up_deferred_by_a_staged_version_runs_after_sync(server):
 def test_no_spare_catch_up_after_an_immediate_apply(server, monkeypatch):
     import redisbus.subscriber as subscriber_module
 
-    heads = {"n": 0}
-    real = subscriber_module.read_head
-
-    def counting(*args, **kwargs):
-        heads["n"] += 1
-        return real(*args, **kwargs)
-
-    target = _zeros()
-    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
-        server.url, namespace=NS, target=target, apply="immediate", **SLOW_POLL
-    ) as sub:
-        sub.start()
-        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+    calls: dict[str, int] = {}
+    with _listening(server, apply="immediate") as (pub, sub, target):
         time.sleep(0.2)  # the subscribe-time catch-up is done
-        monkeypatch.setattr(subscriber_module, "read_head", counting)
+        _count(monkeypatch, subscriber_module, "read_head", calls)
         for seed in (1, 2, 3, 4):
             assert sub.wait_for_version(pub.publish(_policy(seed)), timeout=10) == seed
         time.sleep(0.3)
-        assert heads["n"] == 0  # each notice read latest with its manifest; nothing read it again
+        assert calls["read_head"] == 0  # each notice read latest with its manifest; nothing read it again
 
 
 def test_a_notice_during_sync_never_overwrites_the_version_being_applied(server, monkeypatch):
@@ -222,12 +206,7 @@ def test_a_notice_during_sync_never_overwrites_the_version_being_applied(server,
         time.sleep(0.5)  # version 2 is published, announced and read meanwhile
         return real_copy_out(self, pairs)
 
-    target = _zeros()
-    with WeightPublisher(server.url, namespace=NS) as pub, WeightSubscriber(
-        server.url, namespace=NS, target=target, **SLOW_POLL
-    ) as sub:
-        sub.start()
-        assert _wait(lambda: sub.stats()["subscribes"] >= 1)
+    with _listening(server) as (pub, sub, target):
         pub.publish(_policy(1))
         assert _wait(lambda: sub.staged_version == 1)
         monkeypatch.setattr(buffers.HostBuffer, "copy_out", slow_copy_out)
