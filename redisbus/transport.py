@@ -323,14 +323,7 @@ def read_head_and_manifest(
     """
     if is_cluster(client):
         return (*read_head(client, keys), None)
-    key = keys.manifest(version)
-    with translate_errors("reading the latest version", client):
-        pipe = client.pipeline(transaction=False)
-        pipe.mget([keys.latest, keys.pin])
-        pipe.strlen(key)
-        pipe.getrange(key, 0, config.max_manifest_bytes - 1)
-        (latest, pin), size, data = pipe.execute()
-    return parse_version(latest), parse_version(pin), (size, data)
+    return _read_head_and_manifest_first(client, keys, version, config, "reading the latest version", [], [])
 
 
 def read_head_manifest_and_chunks(
@@ -350,13 +343,23 @@ def read_head_manifest_and_chunks(
     """
     if is_cluster(client):
         raise ValueError("a cluster reads the head and the chunks of a version from different nodes")
-    key = keys.manifest(version)
     spans = chunk_spans(len(blob), chunk_size)
-    with translate_errors(f"reading version {version}", client):
+    names = [keys.chunk(version, i) for i in range(len(spans))]
+    views = [blob[start:stop] for start, stop in spans]
+    return _read_head_and_manifest_first(client, keys, version, config, f"reading version {version}", names, views)
+
+
+def _read_head_and_manifest_first(
+    client: Any, keys: KeySpace, version: int, config: BusConfig, what: str, names: list[str], views: list[memoryview]
+) -> tuple[int | None, int | None, tuple[int, bytes]]:
+    """``MGET latest pin``, ``STRLEN`` and ``GETRANGE`` of ``version``'s manifest, then ``GET`` of ``names`` into
+    ``views``: one round trip on one (non-cluster) connection."""
+    key = keys.manifest(version)
+    with translate_errors(what, client):
         replies = _resp.read_chunks_into(
             client,
-            [keys.chunk(version, i) for i in range(len(spans))],
-            [blob[start:stop] for start, stop in spans],
+            names,
+            views,
             first=[("MGET", keys.latest, keys.pin), ("STRLEN", key), ("GETRANGE", key, 0, config.max_manifest_bytes - 1)],
         )
         for reply in replies:
