@@ -265,9 +265,9 @@ def _read_chunks_into_plain(
     """Fallback of :func:`read_chunks_into`: redis-py pipelines of ``GET``, values copied into the views."""
     pairs = list(zip(keys, views))
     answers: list[Any] = []
-    for batch in _batches(pairs, lambda item: len(item[1])) or [[]]:
+    for number, batch in enumerate(_batches(pairs, lambda item: len(item[1])) or [[]]):
         pipe = client.pipeline(transaction=False)
-        ahead = len(first) if not answers else 0
+        ahead = len(first) if number == 0 else 0
         for command in first[:ahead]:
             pipe.execute_command(*command)
         for key, _ in batch:
@@ -618,16 +618,18 @@ class _Wire:
         raise _ProtocolError(f"unexpected reply {line[:80]!r} to a small command")
 
 
-def _wire_errors(what: str, key: Callable[[], str]) -> Callable[[BaseException], BusConnectionError]:
+def _wire_errors(what: str, subject: Callable[[], str]) -> Callable[[BaseException], BusConnectionError]:
+    """Turns a socket failure into an error naming what was being read or written (``subject()``)."""
+
     def convert(exc: BaseException) -> BusConnectionError:
         if isinstance(exc, _ServerClosed):
-            msg = f"Redis closed the connection while {what} chunk {key()!r}"
+            msg = f"Redis closed the connection while {what} {subject()}"
         elif isinstance(exc, TimeoutError):
-            msg = f"timed out while {what} chunk {key()!r}"
+            msg = f"timed out while {what} {subject()}"
         elif isinstance(exc, _ProtocolError):
-            msg = f"protocol error while {what} chunk {key()!r}: {exc}"
+            msg = f"protocol error while {what} {subject()}: {exc}"
         else:
-            msg = f"connection failed while {what} chunk {key()!r}: {exc}"
+            msg = f"connection failed while {what} {subject()}: {exc}"
         return BusConnectionError(msg)
 
     return convert
@@ -661,7 +663,7 @@ def _write_on(
     pending_bytes = 0
     failure: tuple[str, bytes] | None = None
     current = [items[0][0]]
-    convert = _wire_errors("writing", lambda: current[0])
+    convert = _wire_errors("writing", lambda: f"chunk {current[0]!r}")
 
     def read_reply() -> None:
         nonlocal pending_bytes, failure
@@ -762,7 +764,7 @@ def _read_on(
     done = 0  # replies read
     outstanding = 0  # bytes requested and not yet received (by the views' lengths)
     failure: Exception | None = None
-    convert = _wire_errors("reading", lambda: pairs[min(done, n - 1)][0] if n else "(none)")
+    convert = _wire_errors("reading", lambda: f"chunk {pairs[min(done, n - 1)][0]!r}" if n else "the replies")
 
     def top_up() -> None:
         nonlocal sent, outstanding
