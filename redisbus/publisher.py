@@ -87,6 +87,7 @@ class WeightPublisher:
         self._identity = {"id": self.publisher_id, **ident}
         self._snapshot = HostBuffer()
         self._last_version = 0
+        self._chunk_counts: dict[int, int] = {}  # of the versions this publisher committed, until GC evicts them
         self._chunk_size: int | None = None
         self._lock = threading.Lock()
         self._uploader: ThreadPoolExecutor | None = None
@@ -238,23 +239,28 @@ class WeightPublisher:
             self._discard_chunks(version, len(spans))
             raise
         self._last_version = max(self._last_version, version)
+        self._chunk_counts[version] = len(spans)
         if latest != version:
             log.warning("version %d committed but latest is %d: another publisher shares namespace %r",
                         version, latest, self.keys.namespace)
         try:
+            report = self._client.pipeline(transaction=False)  # goes out with GC's first read: one round trip
             report_publisher(
-                self._client,
+                report,
                 self.keys,
                 PublisherReport(self.publisher_id, version, created, self._identity["host"], self._identity["pid"]),
             )
-            collect(
+            kept = collect(
                 self._client,
                 self.keys,
                 keep=self.config.keep_versions,
                 grace_seconds=self.config.grace_seconds,
                 pending_timeout=self.config.pending_timeout_seconds,
                 scan_orphans=False,
-            )
+                chunk_counts=self._chunk_counts,
+                first=report,
+            ).kept
+            self._chunk_counts = {v: n for v, n in self._chunk_counts.items() if v in kept}
         except RedisBusError as exc:  # the version is committed: a failed report or GC must not say otherwise
             log.warning("version %d committed, but reporting or garbage collection failed: %s", version, exc)
         log.debug("published version %d (%d bytes, %d chunks)", version, total, len(spans))

@@ -10,6 +10,7 @@ same way once their pending mark is older than the pending timeout.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ def collect(
     pending_timeout: float,
     scan_orphans: bool = True,
     dry_run: bool = False,
+    chunk_counts: Mapping[int, int] | None = None,
+    first: Any = None,
 ) -> GcReport:
     """Evict all but the newest ``keep`` committed versions, and fade orphan chunks.
 
@@ -76,6 +79,10 @@ def collect(
         pending_timeout: age after which an uncommitted version counts as abandoned.
         scan_orphans: also SCAN for chunks of abandoned versions.
         dry_run: report only; change nothing.
+        chunk_counts: how many chunks some versions have, known to the caller (a
+            publisher knows its own); the manifests of the others are read.
+        first: a pipeline holding the caller's own commands: they go out with the
+            read of the version index, in one round trip (an error among them raises).
 
     Raises:
         ValueError: ``keep`` below 1.
@@ -90,18 +97,21 @@ def collect(
     report = GcReport(dry_run=dry_run)
     grace_ms = int(grace_seconds * 1000)
     with translate_errors("garbage-collecting old versions", client):
-        pipe = client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False) if first is None else first
         pipe.zrange(keys.versions, 0, -1)
         pipe.get(keys.latest)  # not MGET: a cluster pipeline refuses it
         pipe.get(keys.pin)
-        index, *head = pipe.execute()
+        index, *head = pipe.execute()[-3:]
         committed = [int(v) for v in index]
         protected = set(committed[-keep:]) | {v for v in map(parse_version, head) if v is not None}
         report.kept = [v for v in committed if v in protected]
         report.evicted = [v for v in committed if v not in protected]
+        counts = dict(chunk_counts or {})
+        unknown = [v for v in report.evicted if v not in counts]
+        counts.update(zip(unknown, _chunk_counts(client, keys, unknown)))
         pipe = client.pipeline(transaction=False)
-        for version, count in zip(report.evicted, _chunk_counts(client, keys, report.evicted)):
-            for index in range(count):
+        for version in report.evicted:
+            for index in range(counts[version]):
                 _fade(pipe, keys.chunk(version, index), grace_ms)
             _fade(pipe, keys.manifest(version), grace_ms)
             pipe.zrem(keys.versions, version)

@@ -259,6 +259,66 @@ def test_gc_keeps_the_newest_k_and_fades_older_versions(bus):
         assert 0 < raw.pttl(keys.chunk(v, 0)) <= 30_000
 
 
+def _chunk_keys(raw, keys: KeySpace, version: int) -> list:
+    return sorted(raw.scan_iter(match=f"rb:chunk:{{{keys.namespace}:{version}:*"))
+
+
+def _several_chunks(seed: int) -> dict[str, torch.Tensor]:
+    """Weights of 4 chunks of 1024 bytes."""
+    return {"w": torch.randn(1024, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_gc_of_a_publishers_own_versions_needs_no_manifest(bus):
+    """A publisher knows how many chunks its versions have: GC deletes them even when the manifest is gone."""
+    source, raw = bus
+    keys = KeySpace(NS)
+    with WeightPublisher(source(), namespace=NS, keep_versions=1, grace_seconds=0, chunk_size=1024) as pub:
+        pub.publish(_several_chunks(1))
+        assert len(_chunk_keys(raw, keys, 1)) == 4
+        raw.delete(keys.manifest(1))  # GC can no longer learn version 1's chunk count from Redis
+        pub.publish(_several_chunks(2))
+    assert _chunk_keys(raw, keys, 1) == []
+    assert [int(v) for v in raw.zrange(keys.versions, 0, -1)] == [2]
+    assert len(_chunk_keys(raw, keys, 2)) == 4
+
+
+def test_gc_reads_the_manifests_of_other_publishers_versions(bus):
+    """Versions another publisher (or an earlier process) committed are collected by their manifest."""
+    source, raw = bus
+    keys = KeySpace(NS)
+    with WeightPublisher(source(), namespace=NS, chunk_size=1024) as first:
+        first.publish(_several_chunks(1))
+    with WeightPublisher(source(), namespace=NS, keep_versions=1, grace_seconds=0, chunk_size=2048) as second:
+        assert len(_chunk_keys(raw, keys, 1)) == 4
+        second.publish(_several_chunks(2))
+        assert _chunk_keys(raw, keys, 1) == []
+        second.publish(_several_chunks(3))
+        assert _chunk_keys(raw, keys, 2) == []
+    assert [int(v) for v in raw.zrange(keys.versions, 0, -1)] == [3]
+    assert raw.hlen(keys.publishers) == 2
+
+
+def test_gc_runs_the_callers_commands_in_its_first_round_trip(bus):
+    from redisbus.errors import RedisCommandError
+    from redisbus.retention import collect
+
+    source, raw = bus
+    keys = KeySpace(NS)
+    with WeightPublisher(source(), namespace=NS, keep_versions=5) as pub:
+        for seed in range(3):
+            pub.publish(make_policy(seed))
+    first = raw.pipeline(transaction=False)
+    first.set("caller-key", b"sent")
+    report = collect(raw, keys, keep=1, grace_seconds=0, pending_timeout=600, first=first)
+    assert (report.kept, report.evicted) == ([3], [1, 2])
+    assert raw.get("caller-key") == b"sent"
+    failing = raw.pipeline(transaction=False)
+    failing.lpush(keys.latest, b"x")  # WRONGTYPE: latest is a string
+    with pytest.raises(RedisCommandError, match="WRONGTYPE"):
+        collect(raw, keys, keep=1, grace_seconds=0, pending_timeout=600, first=failing)
+    assert [int(v) for v in raw.zrange(keys.versions, 0, -1)] == [3]
+
+
 @pytest.mark.parametrize(
     "grace, applied_first",
     [(30, 1), (0, 2)],
