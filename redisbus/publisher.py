@@ -87,7 +87,10 @@ class WeightPublisher:
         self._identity = {"id": self.publisher_id, **ident}
         self._snapshot = HostBuffer()
         self._last_version = 0
-        self._chunk_counts: dict[int, int] = {}  # of the versions this publisher committed, until GC evicts them
+        # Chunk counts of the versions this publisher committed, until GC evicts them. Should another publisher
+        # reuse a number after Redis restarted empty, a wrong count fades too few of that version's chunks
+        # (GC's orphan sweep takes the rest) or touches keys that do not exist; never another version's.
+        self._chunk_counts: dict[int, int] = {}
         self._chunk_size: int | None = None
         self._lock = threading.Lock()
         self._uploader: ThreadPoolExecutor | None = None
