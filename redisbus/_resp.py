@@ -779,8 +779,8 @@ def _read_on(
 
     try:
         for command in first:
-            args = [encode(arg) for arg in command]
-            wire.queue(b"*%d\r\n%s" % (len(args), b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)))
+            for part in conn.pack_command(*command):  # redis-py's own packer: these commands are small
+                wire.queue(part)
         top_up()
         for _ in first:
             replies.append(wire.read_reply())  # type: ignore[union-attr]  # given with first
