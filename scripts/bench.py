@@ -847,7 +847,7 @@ def _latency_worker(url: str, ns: str, kind: str, mode: str, idx: int, done: Any
                     stop: Any) -> None:  # fmt: skip
     torch.set_num_threads(1)  # eight workers on a small box: one intra-op thread each, as collectors run
     target = TensorDict.from_module(small_policy(kind)).apply(torch.zeros_like)
-    times: list[tuple[int, float]] = []
+    times: list[tuple[int, float, float]] = []  # version, when applied, this worker's CPU so far
 
     def record(version: int) -> None:
         # perf_counter is CLOCK_MONOTONIC: one clock for every process; process_time: this worker's CPU so far
