@@ -85,6 +85,7 @@ class HostBuffer:
     def __init__(self) -> None:
         self._storage = torch.empty(0, dtype=torch.uint8)
         self._pinned = False
+        self._copy_plan: _CopyPlan | None = None
         self.size = 0
 
     @property
@@ -99,6 +100,7 @@ class HostBuffer:
         """Make room for ``size`` bytes (reusing the current allocation when it fits)."""
         pinned = pinned and torch.cuda.is_available()
         if size > self.capacity or pinned != self._pinned:
+            self._copy_plan = None  # it holds views of the old storage
             self._storage = torch.empty(0, dtype=torch.uint8)  # drop the old one before allocating anew
             self._storage = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=pinned)
             self._pinned = pinned
@@ -106,6 +108,7 @@ class HostBuffer:
 
     def release(self) -> None:
         """Give the memory back."""
+        self._copy_plan = None
         self._storage = torch.empty(0, dtype=torch.uint8)
         self._pinned = False
         self.size = 0
@@ -128,19 +131,60 @@ class HostBuffer:
 
         Plain CPU tensors get a :func:`copy_bytes` memcpy (and their autograd
         version counter bumped, as ``copy_`` would); others (CUDA: asynchronous
-        from pinned memory; strided, conjugate...) get ``copy_``.
+        from pinned memory; strided, conjugate...) get ``copy_``. How each
+        tensor is copied is worked out once and reused while the next apply has
+        the same layout and tensors: for a small policy, working it out costs
+        several times the copy.
         """
-        plain = []
+        plan = self._copy_plan
+        if plan is None or not plan.fits(self._storage, pairs):
+            plan = self._copy_plan = _CopyPlan(self, pairs)
+        plan.run()
+
+
+class _CopyPlan:
+    """How :meth:`HostBuffer.copy_out` copies one layout into one set of tensors.
+
+    Valid while the buffer's storage, the entries and every destination tensor
+    (the same object, at the same address, as contiguous as it was) stay the
+    same: a tensor replaced in the target, or moved by ``set_`` or ``resize_``,
+    gets a new plan.
+    """
+
+    __slots__ = ("storage", "pairs", "addresses", "memcpy", "bump", "typed")
+
+    def __init__(self, buffer: HostBuffer, pairs: Sequence[tuple[TensorEntry, torch.Tensor]]) -> None:
+        self.storage = buffer._storage
+        self.pairs = list(pairs)
+        self.addresses = [(dst.data_ptr(), dst.is_contiguous()) for _, dst in pairs]
+        src = self.storage.numpy()
+        self.memcpy: list[tuple[np.ndarray, np.ndarray]] = []
+        self.bump: list[torch.Tensor] = []
+        self.typed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for entry, dst in pairs:
+            if entry.nbytes and _increment_version is not None and _byte_sliceable(dst):
+                self.memcpy.append((_as_bytes(dst), src[entry.offset : entry.offset + entry.nbytes]))
+                self.bump.append(dst)
+            else:
+                self.typed.append((dst, buffer.view(entry)))
+
+    def fits(self, storage: torch.Tensor, pairs: Sequence[tuple[TensorEntry, torch.Tensor]]) -> bool:
+        if storage is not self.storage or len(pairs) != len(self.pairs):
+            return False
+        for (entry, dst), (known_entry, known_dst), address in zip(pairs, self.pairs, self.addresses):
+            if dst is not known_dst or (entry is not known_entry and entry != known_entry):
+                return False
+            if (dst.data_ptr(), dst.is_contiguous()) != address:
+                return False
+        return True
+
+    def run(self) -> None:
         with torch.no_grad():
-            for entry, dst in pairs:
-                if entry.nbytes and _increment_version is not None and _byte_sliceable(dst):
-                    plain.append((entry, dst))
-                else:
-                    dst.copy_(self.view(entry), non_blocking=dst.is_cuda)
-        if plain:
-            src = self._storage.numpy()
-            copy_bytes([(_as_bytes(dst), src[e.offset : e.offset + e.nbytes]) for e, dst in plain])
-            _increment_version([dst for _, dst in plain])
+            for dst, src in self.typed:
+                dst.copy_(src, non_blocking=dst.is_cuda)
+        if self.memcpy:
+            copy_bytes(self.memcpy)
+            _increment_version(self.bump)  # type: ignore[misc]  # a plan has memcpy pairs only where it exists
 
 
 class LazyFill:

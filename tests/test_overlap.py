@@ -245,6 +245,28 @@ def test_apply_into_strided_and_plain_targets(client):
     assert torch.equal(target["plain"], src["plain"])
 
 
+def test_apply_follows_target_tensors_replaced_or_moved_between_versions(client):
+    # the second apply of a layout reuses the first one's copy plan: only while the tensors are the same
+    target = TensorDict({"a": torch.zeros(300), "b": torch.zeros(4, 5)}, batch_size=[])
+
+    def weights(seed: int) -> TensorDict:
+        g = torch.Generator().manual_seed(seed)
+        return TensorDict({"a": torch.randn(300, generator=g), "b": torch.randn(4, 5, generator=g)}, batch_size=[])
+
+    with WeightPublisher(client, namespace=NS) as pub, WeightSubscriber(client, namespace=NS, target=target) as sub:
+        pub.publish(weights(1))
+        assert sub.sync() == 1 and (target == weights(1)).all()
+        old_a = target["a"]
+        target["a"] = torch.zeros(300)  # replaced: a new tensor object
+        target["b"].set_(torch.zeros(20).view(4, 5).untyped_storage(), 0, (4, 5), (5, 1))  # same object, new memory
+        pub.publish(weights(2))
+        assert sub.sync() == 2 and (target == weights(2)).all()
+        assert torch.equal(old_a, weights(1)["a"])  # the tensor taken out of the target was left alone
+        target["b"].set_(target["b"].untyped_storage(), 0, (4, 5), (1, 4))  # same memory, no longer contiguous
+        pub.publish(weights(3))
+        assert sub.sync() == 3 and (target == weights(3)).all()
+
+
 def test_async_snapshot_is_taken_before_publish_returns(client):
     policy = _policy(5 * CHUNK + 3, 1)
     expected = policy.clone()
