@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
-from tensordict import TensorDict, TensorDictBase, is_non_tensor, is_tensor_collection
+from tensordict import TensorDict, TensorDictBase, is_leaf_nontensor, is_non_tensor, is_tensor_collection
 
 from .errors import SchemaMismatchError
 from .wire import _MAX_KEY_DEPTH, _MAX_KEY_PART_BYTES, Manifest, TensorEntry, TensorKey, format_key
@@ -31,14 +31,14 @@ def _key(key: str | tuple[str, ...]) -> TensorKey:
 
 
 def _leaves_of_tensordict(td: TensorDictBase) -> list[tuple[TensorKey, torch.Tensor]]:
-    # One walk over every node: ``leaves_only`` iteration would silently skip non-tensor data (strings, objects).
+    # Non-tensor data (strings, objects) counts as a leaf here, so it is refused rather than silently skipped.
     leaves = []
-    for key, value in td.items(include_nested=True):
+    for key, value in td.items(include_nested=True, leaves_only=True, is_leaf=is_leaf_nontensor):
         if isinstance(value, torch.Tensor):
             leaves.append((_key(key), value))
         elif is_non_tensor(value):
             raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds non-tensor data, not a tensor")
-        elif not is_tensor_collection(value):  # nested TensorDicts are walked into by ``include_nested``
+        elif not is_tensor_collection(value):
             raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds a {type(value).__name__}, not a tensor")
     return leaves
 
