@@ -337,6 +337,16 @@ def _wire_type(first: int) -> str:
             0xCA: "float", 0xCB: "float"}.get(first, "ExtType" if first != 0xC1 else "invalid byte")
 
 
+#: What :meth:`_Reader.map_items` gives for a value it did not decode.
+_SKIPPED: Any = object()
+#: By first byte: whether the msgpack value is a nil, bool, number or string of at most 31 bytes (so at most 33
+#: bytes long, under every cap: decoding it at once costs nothing a cap would prevent).
+_SCALAR_FIRST_BYTE = tuple(
+    b <= 0x7F or b >= 0xE0 or 0xA0 <= b <= 0xBF or b in (0xC0, 0xC2, 0xC3, 0xCA, 0xCB) or 0xCC <= b <= 0xD3
+    for b in range(256)
+)
+
+
 class _Reader:
     """Walks msgpack bytes by spans, decoding a value only once its encoded size is known to be small."""
 
@@ -363,6 +373,31 @@ class _Reader:
         start = self.tell()
         self._call(self._up.skip)
         return start, self.tell()
+
+    def map_items(self, count: int) -> list[tuple[tuple[tuple[int, int], Any], tuple[tuple[int, int], Any]]]:
+        """The next ``count`` key/value pairs of a map whose header was read, each part as ``(byte span, value)``.
+
+        The value is decoded if it is a scalar or a short string (see
+        ``_SCALAR_FIRST_BYTE``), else it is skipped unread (``_SKIPPED``), for
+        :meth:`load` to decode once its size is checked. One loop over C calls:
+        this walk runs for every version a worker pulls.
+        """
+        up, data, end, scalar = self._up, self.data, len(self.data), _SCALAR_FIRST_BYTE
+        parts: list[tuple[tuple[int, int], Any]] = []
+        try:
+            for _ in range(2 * count):
+                start = up.tell()
+                if start < end and scalar[data[start]]:
+                    value = up.unpack()
+                else:
+                    value = _SKIPPED
+                    up.skip()
+                parts.append(((start, up.tell()), value))
+        except msgpack.OutOfData as exc:
+            raise ManifestError(f"{self.what} is truncated at byte {len(self.data)}") from exc
+        except _MSGPACK_ERRORS as exc:
+            raise ManifestError(f"{self.what} is not valid msgpack ({type(exc).__name__}: {_short(str(exc))})") from exc
+        return list(zip(parts[::2], parts[1::2]))
 
     def header(self, kind: str) -> int:
         return int(self._call(self._up.read_map_header if kind == "dict" else self._up.read_array_header))
@@ -478,8 +513,8 @@ _KNOWN_FIELDS = frozenset(
 )
 
 
-def _manifest_fields(reader: _Reader) -> dict[str, tuple[int, int]]:
-    """Byte span of each known top-level field; nothing but the field names is decoded."""
+def _manifest_fields(reader: _Reader) -> dict[str, tuple[tuple[int, int], Any]]:
+    """Byte span of each known top-level field, and its value where it is a scalar (else ``_SKIPPED``)."""
     data = reader.data
     if not data:
         raise ManifestError("manifest is empty")
@@ -490,12 +525,12 @@ def _manifest_fields(reader: _Reader) -> dict[str, tuple[int, int]]:
     count = reader.header("dict")
     if count > _MAX_FIELDS:
         raise ManifestError(f"manifest map has {count} fields (at most {_MAX_FIELDS})")
-    fields: dict[str, tuple[int, int]] = {}
-    for _ in range(count):
-        name = reader.load(reader.span(), _MAX_SCALAR_BYTES, "manifest field name")
+    fields: dict[str, tuple[tuple[int, int], Any]] = {}
+    for (span, name), value in reader.map_items(count):
+        if name is _SKIPPED:
+            name = reader.load(span, _MAX_SCALAR_BYTES, "manifest field name")
         if not isinstance(name, (str, bytes)):
             raise ManifestError(f"manifest has a {type(name).__name__} field name")
-        value = reader.span()
         if name in _KNOWN_FIELDS:
             if name in fields:
                 raise ManifestError(f"manifest has field {name!r} twice")
@@ -601,12 +636,15 @@ def decode_manifest(
         (4,)
     """
     reader = _Reader(_as_bytes(data, max_manifest_bytes, "manifest"), "manifest")
-    spans_of = _manifest_fields(reader)
+    fields = _manifest_fields(reader)
+    spans_of = {name: span for name, (span, _) in fields.items()}
     _missing = object()
 
     def get(name: str, cap: int = _MAX_SCALAR_BYTES, default: Any = None) -> Any:
-        span = spans_of.get(name)
-        return default if span is None else reader.load(span, cap, f"manifest field {name!r}")
+        if name not in fields:
+            return default
+        span, value = fields[name]
+        return reader.load(span, cap, f"manifest field {name!r}") if value is _SKIPPED else value
 
     def need(name: str, kind: type | tuple[type, ...], cap: int = _MAX_SCALAR_BYTES) -> Any:
         value = get(name, cap, _missing)
