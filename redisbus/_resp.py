@@ -78,6 +78,8 @@ MAX_LINE_BYTES = 64 * 1024
 PLAIN_BATCH_BYTES = 64 * 1024 * 1024
 
 _CRLF = b"\r\n"
+#: How errors name the command :func:`write_chunks` sends behind the values.
+_BEHIND = "the command sent behind the chunks"
 _T = TypeVar("_T")
 #: A value to write: a byte view, or a tuple of byte views written back to back.
 Payload = Union[memoryview, "tuple[memoryview, ...]"]
@@ -126,7 +128,8 @@ def write_chunks(
     expire_seconds: float | None = None,
     connections: int = 1,
     before_send: Callable[[str, Payload], None] | None = None,
-) -> None:
+    then: Callable[[], Command] | None = None,
+) -> Any:
     """``SET`` each key to its view's bytes, pipelined, without copying the payloads.
 
     Args:
@@ -140,26 +143,39 @@ def write_chunks(
         before_send: called with ``(key, byte view or tuple of them)`` just before each payload
             is sent (e.g. to checksum it while the previous one drains); from
             the sending thread, once per key and attempt.
+        then: called once every payload was sent (and none refused so far); the
+            small command it returns goes out behind them, on the same
+            connection and in the same round trip (Redis runs it after every
+            ``SET``). Not with several connections.
+
+    Returns:
+        The reply to ``then``'s command (an error reply as a :class:`redis.ResponseError`
+        instance, not raised), or None without ``then``.
 
     Raises:
         BusConnectionError: the socket failed, timed out or was closed (the
             error names the key being written).
         PublishError: Redis answered a ``SET`` with an error (OOM, bulk length
             over ``proto-max-bulk-len``...); names the first failing key.
+        ValueError: ``then`` with several connections.
     """
+    if then is not None and connections != 1:
+        raise ValueError("a command sent behind the values needs a single connection")
     px = _expire_ms(expire_seconds)
     views = [(key, _payload(view)) for key, view in items]
-    if not views:
-        return
+    if not views and then is None:
+        return None
     if not fast_path_available(client):
-        _write_chunks_plain(client, views, expire_seconds=expire_seconds, before_send=before_send)
-        return
+        return _write_chunks_plain(client, views, expire_seconds=expire_seconds, before_send=before_send, then=then)
+    replies: list[Any] = []
     _run_parallel(
-        lambda part, stop: _with_connection(client, lambda conn: _write_on(conn, part, px, stop, before_send)),
+        lambda part, stop: _with_connection(client, lambda conn: _write_on(conn, part, px, stop, before_send, then,
+                                                                           replies)),
         views,
         [payload_len(v) for _, v in views],
         connections,
-    )
+    )  # fmt: skip
+    return replies[0] if replies else None
 
 
 def read_chunks_into(
@@ -235,23 +251,32 @@ def _write_chunks_plain(
     *,
     expire_seconds: float | None = None,
     before_send: Callable[[str, Payload], None] | None = None,
-) -> None:
+    then: Callable[[], Command] | None = None,
+) -> Any:
     """Fallback of :func:`write_chunks`: redis-py pipelines of ``SET`` (copies, but works everywhere)."""
     px = _expire_ms(expire_seconds)
-    for batch in _batches(items, lambda item: payload_len(item[1])):
+    batches = _batches(items, lambda item: payload_len(item[1])) or [[]]
+    for number, batch in enumerate(batches, 1):
         pipe = client.pipeline(transaction=False)
         for key, view in batch:
             if before_send is not None:
                 before_send(key, view)
             value = b"".join(view) if isinstance(view, tuple) else view
             pipe.set(key, value, px=px)  # byte-format view: redis-py's Python packer sends it uncopied
+        behind = then is not None and number == len(batches)
+        if behind:
+            pipe.execute_command(*then())  # type: ignore[misc]  # behind is only true with then
+        what = f"chunk {batch[0][0]!r}" if batch else _BEHIND
         try:
             replies = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise BusConnectionError(f"connection failed while writing chunk {batch[0][0]!r}: {exc}") from exc
+            raise BusConnectionError(f"connection failed while writing {what}: {exc}") from exc
         for (key, _), reply in zip(batch, replies):
             if isinstance(reply, Exception):
                 raise PublishError(f"Redis refused chunk {key!r}: {reply}") from reply
+        if behind:
+            return replies[-1]
+    return None
 
 
 def _read_chunks_into_plain(
@@ -644,8 +669,10 @@ def _write_on(
     px: int | None,
     stop: threading.Event,
     before_send: Callable[[str, Payload], None] | None = None,
+    then: Callable[[], Command] | None = None,
+    replies: list[Any] | None = None,
 ) -> Exception | None:
-    """Pipelined raw ``SET``s on one connection.
+    """Pipelined raw ``SET``s on one connection, then ``then``'s command (its reply goes to ``replies``).
 
     Returns the error to raise (an error reply; the stream is in sync) or
     None; raises when the stream may be out of sync.
@@ -662,13 +689,13 @@ def _write_on(
     pending: deque[tuple[str, int]] = deque()  # (key, payload bytes) awaiting a reply
     pending_bytes = 0
     failure: tuple[str, bytes] | None = None
-    current = [items[0][0]]
-    convert = _wire_errors("writing", lambda: f"chunk {current[0]!r}")
+    current = [f"chunk {items[0][0]!r}" if items else _BEHIND]
+    convert = _wire_errors("writing", lambda: current[0])
 
     def read_reply() -> None:
         nonlocal pending_bytes, failure
         key, size = pending[0]
-        current[0] = key
+        current[0] = f"chunk {key!r}"
         line = wire.readline()
         pending.popleft()
         pending_bytes -= size
@@ -684,7 +711,7 @@ def _write_on(
         for key, view in items:
             if failure is not None or stop.is_set():
                 break
-            current[0] = key
+            current[0] = f"chunk {key!r}"
             if before_send is not None:
                 before_send(key, view)  # while the previous payload drains from the socket buffers
             key_b = encode(key)
@@ -698,9 +725,17 @@ def _write_on(
             while pending and (pending_bytes > WRITE_WINDOW_BYTES or len(pending) > MAX_INFLIGHT_COMMANDS):
                 wire.flush()
                 read_reply()
-        wire.flush()
+        wire.flush()  # Redis stores the values while ``then`` makes its command
+        behind = then is not None and failure is None and not stop.is_set()
+        if behind:
+            for part in conn.pack_command(*then()):  # type: ignore[misc]  # behind is only true with then
+                wire.queue(part)
+            wire.flush()
         while pending:
             read_reply()
+        if behind:
+            current[0] = _BEHIND
+            replies.append(wire.read_reply())  # type: ignore[union-attr]  # given with then
     except OSError as exc:
         # The server may have refused a command and closed the connection
         # (bulk length over proto-max-bulk-len); its error reply explains

@@ -21,13 +21,12 @@ from .tensors import Weights, flatten_weights
 from .transport import (
     RedisSource,
     allocate_version,
-    commit_version,
     read_head,
     resolve,
     server_max_bulk_len,
     stage_manifest_and_wait,
     translate_errors,
-    write_chunks,
+    upload_and_commit,
 )
 from .wire import (
     Manifest,
@@ -220,20 +219,27 @@ class WeightPublisher:
         blob = None if direct is not None else self._snapshot.memoryview()
         version = allocate_version(self._client, self.keys, self._last_version)
         sums: list[int | None] = [None] * len(spans)
+        prepared: list[Manifest] = []
+
+        def prepare() -> tuple[bytes, bytes]:
+            if lazy is not None:
+                lazy.fill_to(total)  # zero-byte tensors at the end; signing reads the whole blob
+            checksums = tuple(int(c) for c in sums)  # type: ignore[arg-type]  # every slot is filled
+            manifest, data, notice = self._manifest(version, total, chunk_size, checksums, entries, metadata, blob)
+            prepared.append(manifest)
+            return data, notice
+
         try:
-            # each chunk is hashed just before it goes out, read from the tensors or copied in just ahead
-            write_chunks(self._client, self.keys, version, blob, spans, checksums=sums,
-                         fill=None if lazy is None else lazy.fill_to,
-                         segments=None if direct is None else direct.views)  # fmt: skip
-        except RedisBusError:
-            self._discard_chunks(version, len(spans))
-            raise
-        if lazy is not None:
-            lazy.fill_to(total)  # zero-byte tensors at the end; signing reads the whole blob
-        checksums = tuple(int(c) for c in sums)  # type: ignore[arg-type]  # every slot is filled
-        try:
-            latest, created = self._commit(version, total, chunk_size, checksums, entries, metadata, blob)
+            # each chunk is hashed just before it goes out, read from the tensors or copied in just ahead; the
+            # commit follows on the same connection (one round trip), or after the replicas have the chunks
+            latest = upload_and_commit(self._client, self.keys, version, blob, spans, sums, prepare,
+                                       fill=None if lazy is None else lazy.fill_to,
+                                       segments=None if direct is None else direct.views,
+                                       one_trip=not self.config.replicas_to_wait)  # fmt: skip
         except BusConnectionError:
+            if not prepared:
+                self._discard_chunks(version, len(spans))
+                raise
             # The commit may have run before the connection broke: keep the chunks (GC's orphan
             # sweep fades them if the version was never committed) rather than gut a committed version.
             self._last_version = max(self._last_version, version)
@@ -241,6 +247,7 @@ class WeightPublisher:
         except RedisBusError:
             self._discard_chunks(version, len(spans))
             raise
+        created = prepared[0].created
         self._last_version = max(self._last_version, version)
         self._chunk_counts[version] = len(spans)
         if latest != version:
@@ -269,7 +276,7 @@ class WeightPublisher:
         log.debug("published version %d (%d bytes, %d chunks)", version, total, len(spans))
         return version
 
-    def _commit(
+    def _manifest(
         self,
         version: int,
         total: int,
@@ -278,7 +285,8 @@ class WeightPublisher:
         entries: list[Any],
         metadata: dict[str, Any],
         blob: memoryview | None,
-    ) -> tuple[int, float]:
+    ) -> tuple[Manifest, bytes, bytes]:
+        """The version's manifest, its encoding and its notice; with replicas to wait for, once they have the chunks."""
         manifest = Manifest(
             version=version,
             total_bytes=total,
@@ -295,7 +303,7 @@ class WeightPublisher:
         notice = encode_notice(notice_for(manifest, data))
         if self.config.replicas_to_wait:
             self._wait_for_replicas(version, data)
-        return commit_version(self._client, self.keys, version, data, notice), manifest.created
+        return manifest, data, notice
 
     def _wait_for_replicas(self, version: int, manifest: bytes) -> None:
         """Make the replicas hold the chunks and the manifest before the commit announces the version."""

@@ -36,6 +36,7 @@ __all__ = [
     "translate_errors",
     "allocate_version",
     "commit_version",
+    "upload_and_commit",
     "parse_version",
     "read_head",
     "read_manifest",
@@ -70,10 +71,17 @@ redis.call('ZADD', KEYS[2], ARGV[2], v)
 return v
 """
 
-# KEYS: manifest, versions, latest, pending. ARGV: version, manifest bytes, notice bytes, channel.
-# Returns the newest committed version after this commit.
+# KEYS: manifest, versions, latest, pending, then the version's chunks. ARGV: version, manifest bytes, notice
+# bytes, channel, then each chunk's size. Returns the newest committed version after this commit. The chunks
+# are checked where they can be named (not on a cluster: they live in other slots), so a commit sent right
+# behind its chunks on one connection never announces a version one of them failed to reach.
 _COMMIT = """
 local v = tonumber(ARGV[1])
+for i = 5, #KEYS do
+  if redis.call('STRLEN', KEYS[i]) ~= tonumber(ARGV[i]) then
+    return redis.error_reply('NOCHUNK chunk ' .. (i - 5) .. ' of version ' .. v .. ' is missing or not ' .. ARGV[i] .. ' bytes')
+  end
+end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('ZREM', KEYS[4], v)
@@ -232,20 +240,91 @@ def allocate_version(client: Any, keys: KeySpace, floor: int) -> int:
         return int(_script(client, _ALLOCATE)(keys=[keys.seq, keys.pending], args=[floor, time.time()]))
 
 
-def commit_version(client: Any, keys: KeySpace, version: int, manifest: bytes, notice: bytes) -> int:
+def commit_version(
+    client: Any, keys: KeySpace, version: int, manifest: bytes, notice: bytes, spans: Sequence[tuple[int, int]] = ()
+) -> int:
     """Atomically store the manifest, index the version, move ``latest`` forward and notify.
+
+    ``spans``: the version's chunk spans; outside a cluster the commit first
+    checks that each chunk is stored whole (else :class:`PublishError`, and nothing changes).
 
     Returns:
         The newest committed version afterwards.
     """
     with translate_errors(f"committing version {version}", client):
         script = _script(client, _COMMIT_SHARDED if uses_sharded_pubsub(client) else _COMMIT)
-        return int(
-            script(
-                keys=[keys.manifest(version), keys.versions, keys.latest, keys.pending],
-                args=[version, manifest, notice, keys.notify],
-            )
-        )
+        chunk_keys, args = _commit_arguments(client, keys, version, manifest, notice, spans)
+        try:
+            return int(script(keys=chunk_keys, args=args))
+        except redis.ResponseError as exc:
+            _raise_refused_commit(exc)
+            raise
+
+
+def _commit_arguments(
+    client: Any, keys: KeySpace, version: int, manifest: bytes, notice: bytes, spans: Sequence[tuple[int, int]]
+) -> tuple[list[str], list[Any]]:
+    checked = [] if is_cluster(client) else spans
+    return (
+        [keys.manifest(version), keys.versions, keys.latest, keys.pending, *(keys.chunk(version, i) for i in range(len(checked)))],
+        [version, manifest, notice, keys.notify, *(stop - start for start, stop in checked)],
+    )  # fmt: skip
+
+
+def _raise_refused_commit(exc: redis.ResponseError) -> None:
+    if str(exc).startswith("NOCHUNK"):
+        raise PublishError(f"commit refused: {exc}") from exc
+
+
+def upload_and_commit(
+    client: Any,
+    keys: KeySpace,
+    version: int,
+    blob: memoryview | None,
+    spans: Sequence[tuple[int, int]],
+    checksums: list[int | None],
+    prepare: Callable[[], tuple[bytes, bytes]],
+    *,
+    fill: Callable[[int], None] | None = None,
+    segments: Callable[[int, int], Sequence[memoryview]] | None = None,
+    one_trip: bool = True,
+) -> int:
+    """:func:`write_chunks`, then :func:`commit_version` of what ``prepare()`` returns: ``(manifest, notice)``.
+
+    ``prepare`` runs once every chunk was hashed and sent (``checksums`` filled).
+    With ``one_trip`` on a plain (non-cluster) client, the commit goes out on
+    the chunks' connection right behind them: a small version is stored,
+    committed and announced in one round trip. Should the connection fail once
+    ``prepare`` returned, the commit may have run (the caller keeps the chunks).
+
+    Returns:
+        The newest committed version afterwards.
+
+    Raises:
+        PublishError: a chunk refused, or the commit found one missing (nothing committed).
+        BusConnectionError: Redis unreachable.
+        RedisCommandError: Redis refused the commit (an ACL rule, OOM).
+    """
+    if not one_trip or is_cluster(client):
+        write_chunks(client, keys, version, blob, spans, checksums, fill=fill, segments=segments)
+        return commit_version(client, keys, version, *prepare(), spans)
+    script = _script(client, _COMMIT)
+    prepared: list[tuple[bytes, bytes]] = []
+
+    def commit_command() -> tuple[Any, ...]:
+        prepared.append(prepare())
+        chunk_keys, args = _commit_arguments(client, keys, version, *prepared[0], spans)
+        return ("EVALSHA", script.sha, len(chunk_keys), *chunk_keys, *args)
+
+    reply = write_chunks(client, keys, version, blob, spans, checksums, fill=fill, segments=segments, then=commit_command)
+    if isinstance(reply, redis.exceptions.NoScriptError) or str(reply).startswith("NOSCRIPT"):
+        # a server that has not seen the script yet (new, restarted, flushed): load it and commit
+        return commit_version(client, keys, version, *prepared[0], spans)
+    if isinstance(reply, redis.ResponseError):
+        with translate_errors(f"committing version {version}", client):
+            _raise_refused_commit(reply)
+            raise reply
+    return int(reply)
 
 
 def publish_notice(client: Any, keys: KeySpace, notice: bytes) -> None:
@@ -391,8 +470,9 @@ def write_chunks(
     checksums: list[int | None] | None = None,
     fill: Callable[[int], None] | None = None,
     segments: Callable[[int, int], Sequence[memoryview]] | None = None,
-) -> None:
-    """Store every chunk of ``blob`` under its chunk key.
+    then: Callable[[], _resp.Command] | None = None,
+) -> Any:
+    """Store every chunk of ``blob`` under its chunk key (and send ``then``'s command behind them).
 
     With ``checksums`` (one slot per span), each chunk's checksum is computed
     just before the chunk is sent, so hashing overlaps the upload instead of
@@ -401,7 +481,9 @@ def write_chunks(
     blob's bytes just ahead of the upload (it needs ``checksums``). With
     ``segments``, the blob is not read at all (``blob`` may be None): chunk
     ``(start, stop)`` is sent as the views ``segments(start, stop)`` returns,
-    back to back (the tensors' own memory: no snapshot copy).
+    back to back (the tensors' own memory: no snapshot copy). With ``then``
+    (not on a cluster), see :func:`redisbus._resp.write_chunks`: its
+    command's reply is returned.
 
     Raises:
         PublishError: with ``fill``, a chunk went out without its hook (never expected).
@@ -421,13 +503,18 @@ def write_chunks(
             checksums[i] = _checksum(view)
 
     with translate_errors(f"writing the chunks of version {version}", client):
-        write_values(client, items, before_send=before_send)
+        if then is None:
+            write_values(client, items, before_send=before_send)
+            reply = None
+        else:
+            reply = _resp.write_chunks(client, items, before_send=before_send, then=then)
     if checksums is not None:
         for i, (key, view) in enumerate(items):
             if checksums[i] is None:  # a path that sent without the hook: never leave a slot empty
                 if fill is not None:
                     raise PublishError(f"chunk {key!r} was sent before its bytes were written")
                 checksums[i] = _checksum(view)
+    return reply
 
 
 def _checksum(payload: Any) -> int:

@@ -79,6 +79,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "publisher": (
         "evalsha", "script|load",  # the ALLOCATE and COMMIT scripts (loaded once per connection's server)
         "incr", "zadd", "zrem", "get", "set", "publish",  # run inside those scripts (ACLs apply there too)
+        "strlen",  # ... COMMIT checks that every chunk is stored whole
         "mget",  # latest + pin
         "hset",  # the publisher report
         "del",  # discarding the chunks of a failed publish; GC with no grace

@@ -725,7 +725,7 @@ class RedisBus(Contender):
         import redisbus.subscriber as S
 
         totals: dict[str, float] = {}
-        with _Timed(P, "write_chunks", totals, "pub_hash_upload"), _Timed(P, "commit_version", totals, "pub_commit"), \
+        with _Timed(P, "upload_and_commit", totals, "pub_hash_upload_commit"), \
                 _Timed(P, "collect", totals, "pub_gc"), _Timed(S, "read_chunks_into", totals, "pull_network_verify"), \
                 _Timed(S, "verify_chunks", totals, "pull_verify"), _Timed(self.sub, "_apply_staged", totals, "pull_apply"):  # fmt: skip
             t0 = time.perf_counter()

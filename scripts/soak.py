@@ -240,19 +240,30 @@ class Soak:
             self.chaos_done.set()
 
     def trainer(self) -> None:
+        import redis
+
         import redisbus.publisher as publisher_module
         from redisbus import PublishError, WeightPublisher
+        from redisbus.keys import KeySpace
 
-        real_commit = publisher_module.commit_version
+        real_encode = publisher_module.encode_manifest
         poison_next = threading.Event()
+        writer = redis.Redis.from_url(self.server.url, socket_timeout=2.0)  # the corrupting writer's own connection
+        keys = KeySpace(NAMESPACE)
 
-        def commit(client: Any, keys: Any, version: int, *args: Any, **kwargs: Any) -> int:
-            if poison_next.is_set():  # a corrupting writer got in between upload and commit
-                self.poisoned_versions.add(version)
-                client.setrange(keys.chunk(version, 0), 0, b"\xa5" * 64)
-            return real_commit(client, keys, version, *args, **kwargs)
+        def encode(manifest: Any) -> bytes:
+            # Between upload and commit (the publisher encodes the manifest it commits once its chunks are sent),
+            # a corrupting writer gets in: once the first chunk is stored whole, its first bytes are overwritten.
+            if poison_next.is_set() and manifest.chunk_count:
+                self.poisoned_versions.add(manifest.version)
+                key, size = keys.chunk(manifest.version, 0), manifest.spans()[0][1]
+                deadline = time.monotonic() + 5
+                while writer.strlen(key) != size and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the chunks went out on the publisher's own connection just now
+                writer.setrange(key, 0, b"\xa5" * 64)
+            return real_encode(manifest)
 
-        publisher_module.commit_version = commit
+        publisher_module.encode_manifest = encode
         with WeightPublisher(self.server.url, namespace=NAMESPACE, keep_versions=3, grace_seconds=5,
                              socket_timeout=2.0, backoff_cap=0.5) as pub:
             for step in range(1, self.args.versions + 1):
@@ -290,7 +301,8 @@ class Soak:
                 self.committed[version] = (self.last[1], time.time())
                 self.last = (version, self.last[1])
                 self.republished += 1
-        publisher_module.commit_version = real_commit
+        publisher_module.encode_manifest = real_encode
+        writer.close()
 
     def run(self) -> dict[str, Any]:
         ctx = mp.get_context("spawn")

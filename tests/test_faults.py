@@ -65,9 +65,9 @@ def _publish_then_die_before_commit(url: str) -> None:
     import redisbus.publisher as publisher_module
 
     def die(*args, **kwargs):
-        os._exit(17)  # the process dies after writing chunks, before the commit
+        os._exit(17)  # the process dies after sending its chunks, while it encodes the manifest to commit
 
-    publisher_module.commit_version = die
+    publisher_module.encode_manifest = die
     pub = WeightPublisher(url, namespace=NS)
     pub.publish(make_policy(9))
 
