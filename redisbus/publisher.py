@@ -19,6 +19,7 @@ from .retention import collect
 from .signing import sign_manifest
 from .tensors import Weights, flatten_weights
 from .transport import (
+    Committed,
     RedisSource,
     allocate_version,
     read_head,
@@ -232,10 +233,10 @@ class WeightPublisher:
         try:
             # each chunk is hashed just before it goes out, read from the tensors or copied in just ahead; the
             # commit follows on the same connection (one round trip), or after the replicas have the chunks
-            latest = upload_and_commit(self._client, self.keys, version, blob, spans, sums, prepare,
-                                       fill=None if lazy is None else lazy.fill_to,
-                                       segments=None if direct is None else direct.views,
-                                       one_trip=not self.config.replicas_to_wait)  # fmt: skip
+            committed = upload_and_commit(self._client, self.keys, version, blob, spans, sums, prepare,
+                                          fill=None if lazy is None else lazy.fill_to,
+                                          segments=None if direct is None else direct.views,
+                                          one_trip=not self.config.replicas_to_wait)  # fmt: skip
         except BusConnectionError:
             if not prepared:
                 self._discard_chunks(version, len(spans))
@@ -250,9 +251,9 @@ class WeightPublisher:
         created = prepared[0].created
         self._last_version = max(self._last_version, version)
         self._chunk_counts[version] = len(spans)
-        if latest != version:
+        if committed.latest != version:
             log.warning("version %d committed but latest is %d: another publisher shares namespace %r",
-                        version, latest, self.keys.namespace)
+                        version, committed.latest, self.keys.namespace)
         try:
             report = self._client.pipeline(transaction=False)  # goes out with GC's first read: one round trip
             report_publisher(
@@ -269,6 +270,7 @@ class WeightPublisher:
                 scan_orphans=False,
                 chunk_counts=self._chunk_counts,
                 first=report,
+                head=(committed.index, committed.latest, committed.pin),
             ).kept
             self._chunk_counts = {v: n for v, n in self._chunk_counts.items() if v in kept}
         except RedisBusError as exc:  # the version is committed: a failed report or GC must not say otherwise

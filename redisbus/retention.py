@@ -10,7 +10,7 @@ same way once their pending mark is older than the pending timeout.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,7 @@ def collect(
     dry_run: bool = False,
     chunk_counts: Mapping[int, int] | None = None,
     first: Any = None,
+    head: tuple[Sequence[int], int | None, int | None] | None = None,
 ) -> GcReport:
     """Evict all but the newest ``keep`` committed versions, and fade orphan chunks.
 
@@ -83,6 +84,8 @@ def collect(
             publisher knows its own); the manifests of the others are read.
         first: a pipeline holding the caller's own commands: they go out with the
             read of the version index, in one round trip (an error among them raises).
+        head: the version index, ``latest`` and the pin, as the caller just read them
+            (a commit returns them): not read again, and ``first`` goes out with the evictions.
 
     Raises:
         ValueError: ``keep`` below 1.
@@ -97,19 +100,22 @@ def collect(
     report = GcReport(dry_run=dry_run)
     grace_ms = int(grace_seconds * 1000)
     with translate_errors("garbage-collecting old versions", client):
-        pipe = client.pipeline(transaction=False) if first is None else first
-        pipe.zrange(keys.versions, 0, -1)
-        pipe.get(keys.latest)  # not MGET: a cluster pipeline refuses it
-        pipe.get(keys.pin)
-        index, *head = pipe.execute()[-3:]
-        committed = [int(v) for v in index]
-        protected = set(committed[-keep:]) | {v for v in map(parse_version, head) if v is not None}
+        if head is None:
+            pipe = client.pipeline(transaction=False) if first is None else first
+            pipe.zrange(keys.versions, 0, -1)
+            pipe.get(keys.latest)  # not MGET: a cluster pipeline refuses it
+            pipe.get(keys.pin)
+            index, latest, pin = pipe.execute()[-3:]
+            head = [int(v) for v in index], parse_version(latest), parse_version(pin)
+            first = None
+        committed, *unevictable = head
+        protected = set(committed[-keep:]) | {v for v in unevictable if v is not None}
         report.kept = [v for v in committed if v in protected]
         report.evicted = [v for v in committed if v not in protected]
         counts = dict(chunk_counts or {})
         unknown = [v for v in report.evicted if v not in counts]
         counts.update(zip(unknown, _chunk_counts(client, keys, unknown)))
-        pipe = client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False) if first is None else first
         for version in report.evicted:
             for index in range(counts[version]):
                 _fade(pipe, keys.chunk(version, index), grace_ms)

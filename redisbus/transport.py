@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import redis
 import xxhash
@@ -35,6 +35,7 @@ __all__ = [
     "resolve",
     "translate_errors",
     "allocate_version",
+    "Committed",
     "commit_version",
     "upload_and_commit",
     "parse_version",
@@ -71,15 +72,16 @@ redis.call('ZADD', KEYS[2], ARGV[2], v)
 return v
 """
 
-# KEYS: manifest, versions, latest, pending, then the version's chunks. ARGV: version, manifest bytes, notice
-# bytes, channel, then each chunk's size. Returns the newest committed version after this commit. The chunks
-# are checked where they can be named (not on a cluster: they live in other slots), so a commit sent right
-# behind its chunks on one connection never announces a version one of them failed to reach.
+# KEYS: manifest, versions, latest, pending, pin, then the version's chunks. ARGV: version, manifest bytes,
+# notice bytes, channel, then each chunk's size. The chunks are checked where they can be named (not on a
+# cluster: they live in other slots), so a commit sent right behind its chunks on one connection never
+# announces a version one of them failed to reach. Returns {latest after this commit, the version index,
+# the pin}: what the publisher's garbage collection would otherwise read in a round trip of its own.
 _COMMIT = """
 local v = tonumber(ARGV[1])
-for i = 5, #KEYS do
-  if redis.call('STRLEN', KEYS[i]) ~= tonumber(ARGV[i]) then
-    return redis.error_reply('NOCHUNK chunk ' .. (i - 5) .. ' of version ' .. v .. ' is missing or not ' .. ARGV[i] .. ' bytes')
+for i = 6, #KEYS do
+  if redis.call('STRLEN', KEYS[i]) ~= tonumber(ARGV[i - 1]) then
+    return redis.error_reply('NOCHUNK chunk ' .. (i - 6) .. ' of version ' .. v .. ' is missing or not ' .. ARGV[i - 1] .. ' bytes')
   end
 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -91,7 +93,7 @@ if v > cur then
   cur = v
 end
 redis.call('PUBLISH', ARGV[4], ARGV[3])
-return cur
+return {cur, redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('GET', KEYS[5])}
 """
 
 # The same commit for a Redis 7 cluster: the notice goes out with SPUBLISH (sharded pub/sub), so
@@ -103,7 +105,14 @@ assert _COMMIT_SHARDED != _COMMIT
 
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is a :class:`redis.cluster.RedisCluster`."""
-    return isinstance(client, RedisCluster)
+    kind = type(client)
+    known = _CLUSTER_TYPES.get(kind)
+    if known is None:  # isinstance against RedisCluster goes through typing's slow protocol check: once per type
+        known = _CLUSTER_TYPES[kind] = isinstance(client, RedisCluster)
+    return known
+
+
+_CLUSTER_TYPES: dict[type, bool] = {}
 
 
 def uses_sharded_pubsub(client: Any) -> bool:
@@ -240,22 +249,30 @@ def allocate_version(client: Any, keys: KeySpace, floor: int) -> int:
         return int(_script(client, _ALLOCATE)(keys=[keys.seq, keys.pending], args=[floor, time.time()]))
 
 
+class Committed(NamedTuple):
+    """What a commit reports back, read in the same atomic step."""
+
+    #: The newest committed version afterwards (another publisher's, if it is ahead).
+    latest: int
+    #: The committed versions, oldest first.
+    index: list[int]
+    #: The operator's pin, if set.
+    pin: int | None
+
+
 def commit_version(
     client: Any, keys: KeySpace, version: int, manifest: bytes, notice: bytes, spans: Sequence[tuple[int, int]] = ()
-) -> int:
+) -> Committed:
     """Atomically store the manifest, index the version, move ``latest`` forward and notify.
 
     ``spans``: the version's chunk spans; outside a cluster the commit first
     checks that each chunk is stored whole (else :class:`PublishError`, and nothing changes).
-
-    Returns:
-        The newest committed version afterwards.
     """
     with translate_errors(f"committing version {version}", client):
         script = _script(client, _COMMIT_SHARDED if uses_sharded_pubsub(client) else _COMMIT)
         chunk_keys, args = _commit_arguments(client, keys, version, manifest, notice, spans)
         try:
-            return int(script(keys=chunk_keys, args=args))
+            return _committed(script(keys=chunk_keys, args=args))
         except redis.ResponseError as exc:
             _raise_refused_commit(exc)
             raise
@@ -266,9 +283,15 @@ def _commit_arguments(
 ) -> tuple[list[str], list[Any]]:
     checked = [] if is_cluster(client) else spans
     return (
-        [keys.manifest(version), keys.versions, keys.latest, keys.pending, *(keys.chunk(version, i) for i in range(len(checked)))],
+        [keys.manifest(version), keys.versions, keys.latest, keys.pending, keys.pin,
+         *(keys.chunk(version, i) for i in range(len(checked)))],
         [version, manifest, notice, keys.notify, *(stop - start for start, stop in checked)],
     )  # fmt: skip
+
+
+def _committed(reply: Any) -> Committed:
+    latest, index, pin = reply
+    return Committed(int(latest), [int(v) for v in index], parse_version(pin))
 
 
 def _raise_refused_commit(exc: redis.ResponseError) -> None:
@@ -288,7 +311,7 @@ def upload_and_commit(
     fill: Callable[[int], None] | None = None,
     segments: Callable[[int, int], Sequence[memoryview]] | None = None,
     one_trip: bool = True,
-) -> int:
+) -> Committed:
     """:func:`write_chunks`, then :func:`commit_version` of what ``prepare()`` returns: ``(manifest, notice)``.
 
     ``prepare`` runs once every chunk was hashed and sent (``checksums`` filled).
@@ -298,7 +321,7 @@ def upload_and_commit(
     ``prepare`` returned, the commit may have run (the caller keeps the chunks).
 
     Returns:
-        The newest committed version afterwards.
+        What the commit reports (see :func:`commit_version`).
 
     Raises:
         PublishError: a chunk refused, or the commit found one missing (nothing committed).
@@ -324,7 +347,7 @@ def upload_and_commit(
         with translate_errors(f"committing version {version}", client):
             _raise_refused_commit(reply)
             raise reply
-    return int(reply)
+    return _committed(reply)
 
 
 def publish_notice(client: Any, keys: KeySpace, notice: bytes) -> None:

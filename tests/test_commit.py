@@ -18,7 +18,7 @@ import redisbus.transport as transport_module
 from helpers import bit_identical, make_policy, zeros_like_policy
 from redisbus import PublishError, WeightPublisher, WeightSubscriber
 from redisbus.keys import KeySpace
-from redisbus.transport import commit_version
+from redisbus.transport import Committed, commit_version
 from redisbus.wire import chunk_spans
 
 NS = "commit"
@@ -72,7 +72,7 @@ def test_the_commit_refuses_a_version_with_a_missing_or_short_chunk(client):
     assert not client.exists(keys.manifest(2))
     assert [int(v) for v in client.zrange(keys.versions, 0, -1)] == [1]
     client.set(keys.chunk(2, 1), b"bbbb")
-    assert commit_version(client, keys, 2, b"manifest", b"notice", spans) == 2
+    assert commit_version(client, keys, 2, b"manifest", b"notice", spans) == Committed(2, [1, 2], None)
 
 
 def test_a_server_that_forgot_the_commit_script_still_commits(redis_server):
@@ -109,3 +109,4 @@ def test_a_connection_lost_once_the_commit_went_out_keeps_the_version_whole(redi
         assert int(redis_server.client().get(keys.latest)) == 2  # committed: its chunks must still be there
         assert sub.sync() == 2 and bit_identical(target, make_policy(2))
         assert pub.publish(make_policy(3)) == 3
+        assert sub.sync() == 3 and bit_identical(target, make_policy(3))
