@@ -52,7 +52,7 @@ from .errors import (
     VersionNotFoundError,
 )
 
-__all__ = ["Command", "Payload", "fast_path_available", "payload_len", "read_chunks_into", "write_chunks"]
+__all__ = ["Command", "HeldConnection", "Payload", "fast_path_available", "payload_len", "read_chunks_into", "write_chunks"]
 
 #: Connection classes whose ``_sock`` we know how to drive directly (exact types, not subclasses:
 #: fakeredis' connection subclasses :class:`redis.connection.Connection`).
@@ -186,6 +186,7 @@ def read_chunks_into(
     connections: int = 1,
     after_recv: Callable[[str, memoryview], None] | None = None,
     first: Sequence[Command] = (),
+    held: HeldConnection | None = None,
 ) -> list[Any]:
     """``GET`` each key straight into its view with ``recv_into``, pipelined.
 
@@ -203,6 +204,8 @@ def read_chunks_into(
             the transfer and is raised once the connection is back in sync.
         first: small commands (argument tuples) sent ahead of the ``GET`` commands in
             the same round trip, on one connection; their replies are returned.
+        held: read on this connection of ``client``'s instead of borrowing one
+            from the pool (one connection only).
 
     Returns:
         The replies to ``first``, in order: bulk strings as bytes, integers,
@@ -218,13 +221,15 @@ def read_chunks_into(
         BusConnectionError: the socket failed, timed out or was closed.
         RedisCommandError: Redis refused a ``GET`` (an ACL rule: ``NOPERM``...);
             the connection stays in sync.
-        ValueError: ``keys`` and ``views`` differ in length, or ``first`` with
-            several connections.
+        ValueError: ``keys`` and ``views`` differ in length, ``first`` or ``held`` with
+            several connections, or a ``held`` connection of another client.
     """
     if len(keys) != len(views):
         raise ValueError(f"{len(keys)} keys but {len(views)} views")
-    if first and connections != 1:
-        raise ValueError("commands sent first need a single connection")
+    if (first or held is not None) and connections != 1:
+        raise ValueError("commands sent first, or a held connection, need a single connection")
+    if held is not None and held.client is not client:
+        raise ValueError("the held connection belongs to another client")
     pairs = [(key, _byte_view(view, writable=True)) for key, view in zip(keys, views)]
     if not pairs and not first:
         return []
@@ -234,7 +239,8 @@ def read_chunks_into(
         )
     replies: list[Any] = []
     _run_parallel(
-        lambda part, stop: _with_connection(client, lambda conn: _read_on(conn, part, stop, after_recv, first, replies)),
+        lambda part, stop: _with_connection(client, lambda conn: _read_on(conn, part, stop, after_recv, first, replies),
+                                            held),
         pairs,
         [len(v) for _, v in pairs],
         connections,
@@ -469,20 +475,61 @@ def _parser_idle(conn: Connection) -> bool:
     return False
 
 
-def _with_connection(client: redis.Redis, body: Callable[[Connection], Exception | None]) -> None:
-    """Borrow a connection, make sure its stream is clean, run ``body`` and give it back.
+class HeldConnection:
+    """One connection taken out of a client's pool and kept, for a caller that reads again and again.
+
+    Borrowing from the pool costs its lock and a check that the connection has
+    nothing to read (a system call) each time; a worker that reads after every
+    notice keeps one connection instead. One reader at a time (the caller
+    serialises its reads); :meth:`close` gives the connection back.
+
+    Example:
+        >>> held = HeldConnection(client)  # doctest: +SKIP
+        >>> read_chunks_into(client, keys, views, held=held)  # doctest: +SKIP
+        >>> held.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._conn: Connection | None = None
+
+    def take(self) -> Connection:
+        """The held connection, borrowed from the pool on first use.
+
+        Raises:
+            BusConnectionError: the pool could not hand out a connection.
+        """
+        if self._conn is None:
+            self._conn = _borrow(self.client.connection_pool)
+        return self._conn
+
+    def close(self) -> None:
+        """Give the connection back to the pool (idempotent)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self.client.connection_pool.release(conn)
+
+
+def _borrow(pool: redis.ConnectionPool) -> Connection:
+    try:
+        return _get_connection(pool)
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError) as exc:
+        raise BusConnectionError(f"cannot get a Redis connection: {exc}") from exc
+
+
+def _with_connection(
+    client: redis.Redis, body: Callable[[Connection], Exception | None], held: HeldConnection | None = None
+) -> None:
+    """Borrow a connection (or use ``held``'s), make sure its stream is clean, run ``body`` and give it back.
 
     ``body`` returns normally only when the stream is in sync afterwards; the
     error it returns (nil value, length mismatch, error reply: all fully
     consumed) is raised after the connection went back to the pool. If
     ``body`` raises, the connection is disconnected before release, so a
-    half-read connection is never reused.
+    half-read connection is never reused (a held one reconnects on its next use).
     """
     pool = client.connection_pool
-    try:
-        conn = _get_connection(pool)
-    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError) as exc:
-        raise BusConnectionError(f"cannot get a Redis connection: {exc}") from exc
+    conn = _borrow(pool) if held is None else held.take()
     in_sync = False
     failure: Exception | None = None
     try:
@@ -502,7 +549,8 @@ def _with_connection(client: redis.Redis, body: Callable[[Connection], Exception
     finally:
         if not in_sync:
             conn.disconnect()
-        pool.release(conn)
+        if held is None:
+            pool.release(conn)
     if failure is not None:
         raise failure
 

@@ -33,6 +33,7 @@ from .registry import WorkerReport, identity, report_worker
 from .signing import verify_chunk_digests, verify_signature
 from .tensors import Target, match_target, target_leaves
 from .transport import (
+    HeldConnection,
     RedisSource,
     decode_fetched_manifest,
     is_cluster,
@@ -134,6 +135,7 @@ class WeightSubscriber:
         self._thread: threading.Thread | None = None
         self._ping_unanswered_since: float | None = None
         self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap, base=self.config.backoff_base)
+        self._notice_conn = HeldConnection(self._client)  # one-trip reads after notices: one connection, kept
         self._replica: Any = None  # this worker's read replica (chosen by worker id), made on first pull
         self._replica_down_until = 0.0
 
@@ -223,6 +225,7 @@ class WeightSubscriber:
         with self._cond:
             self._staged = None
             self._staging.release()
+        self._notice_conn.close()
         if self._owns_client:
             try:
                 self._client.close()
@@ -396,9 +399,9 @@ class WeightSubscriber:
         ):
             self._reserve_staging(size)
             try:
-                latest, pin, fetched = read_head_manifest_and_chunks(
-                    self._client, self.keys, notice.version, chunk, self._staging.memoryview(), self.config
-                )  # fmt: skip
+                latest, pin, fetched = read_head_manifest_and_chunks(self._client, self.keys, notice.version, chunk,
+                                                                     self._staging.memoryview(), self.config,
+                                                                     self._notice_conn)  # fmt: skip
                 return latest, pin, fetched, chunk
             except (VersionNotFoundError, CorruptBlobError) as exc:
                 # GC won a race, or the notice's layout is not its version's: the two round trips below

@@ -31,6 +31,7 @@ from .keys import KeySpace
 from .wire import Manifest, chunk_checksum, chunk_spans, decode_manifest
 
 __all__ = [
+    "HeldConnection",
     "RedisSource",
     "resolve",
     "translate_errors",
@@ -58,6 +59,8 @@ __all__ = [
 
 #: What the public classes accept as their first argument.
 RedisSource = Union[str, BusConfig, redis.Redis, None]
+#: A connection a worker keeps for its reads after each notice (see :class:`redisbus._resp.HeldConnection`).
+HeldConnection = _resp.HeldConnection
 
 # KEYS: seq, pending. ARGV: floor (the caller's newest known version), now.
 # A server that restarted empty hands out numbers again from 1; the floor keeps them increasing.
@@ -429,14 +432,21 @@ def read_head_and_manifest(
 
 
 def read_head_manifest_and_chunks(
-    client: Any, keys: KeySpace, version: int, chunk_size: int, blob: memoryview, config: BusConfig
+    client: Any,
+    keys: KeySpace,
+    version: int,
+    chunk_size: int,
+    blob: memoryview,
+    config: BusConfig,
+    held: HeldConnection | None = None,
 ) -> tuple[int | None, int | None, tuple[int, bytes]]:
     """:func:`read_head_and_manifest`, and the chunks of ``version`` into ``blob``, all in one round trip.
 
     For a version a notice announced with its size (``len(blob)``) and chunk size:
     the chunks are read before the manifest that describes them was checked, so
     the caller must verify them against it (and use them only if its layout is
-    the one read). Not for a cluster client (:class:`ValueError`).
+    the one read). ``held``: read on that connection of ``client``'s (see
+    :class:`redisbus._resp.HeldConnection`). Not for a cluster client (:class:`ValueError`).
 
     Raises:
         VersionNotFoundError: a chunk does not exist.
@@ -448,11 +458,19 @@ def read_head_manifest_and_chunks(
     spans = chunk_spans(len(blob), chunk_size)
     names = [keys.chunk(version, i) for i in range(len(spans))]
     views = [blob[start:stop] for start, stop in spans]
-    return _read_head_and_manifest_first(client, keys, version, config, f"reading version {version}", names, views)
+    return _read_head_and_manifest_first(client, keys, version, config, f"reading version {version}", names, views,
+                                         held)  # fmt: skip
 
 
 def _read_head_and_manifest_first(
-    client: Any, keys: KeySpace, version: int, config: BusConfig, what: str, names: list[str], views: list[memoryview]
+    client: Any,
+    keys: KeySpace,
+    version: int,
+    config: BusConfig,
+    what: str,
+    names: list[str],
+    views: list[memoryview],
+    held: HeldConnection | None = None,
 ) -> tuple[int | None, int | None, tuple[int, bytes]]:
     """``MGET latest pin``, ``STRLEN`` and ``GETRANGE`` of ``version``'s manifest, then ``GET`` of ``names`` into
     ``views``: one round trip on one (non-cluster) connection."""
@@ -463,6 +481,7 @@ def _read_head_and_manifest_first(
             names,
             views,
             first=[("MGET", keys.latest, keys.pin), ("STRLEN", key), ("GETRANGE", key, 0, config.max_manifest_bytes - 1)],
+            held=held,
         )
         for reply in replies:
             if isinstance(reply, Exception):

@@ -206,6 +206,36 @@ def test_huge_mismatch_drops_the_connection_and_next_call_works(client, monkeypa
     assert out == b"k" * 10
 
 
+def test_held_connection_serves_every_read_and_goes_back_to_the_pool_on_close(client, monkeypatch):
+    monkeypatch.setattr(_resp, "MAX_DRAIN_BYTES", MiB)
+    _resp.write_chunks(client, [("t:big", memoryview(b"b" * (2 * MiB))), ("t:ok", memoryview(b"k" * 10))])
+    held = _resp.HeldConnection(client)
+    pool = client.connection_pool
+    borrowed = []
+    real_get = pool.get_connection
+    monkeypatch.setattr(pool, "get_connection", lambda *a, **k: borrowed.append(1) or real_get(*a, **k))
+    out = bytearray(10)
+    for _ in range(3):
+        assert _resp.read_chunks_into(client, ["t:ok"], [memoryview(out)], first=[("PING",)], held=held) == [b"PONG"]
+        assert out == b"k" * 10
+    assert len(borrowed) == 1  # taken from the pool once, then kept
+    conn = held.take()
+    socket_before = conn._sock
+    with pytest.raises(CorruptBlobError, match="t:big"):  # not drained: the held connection is dropped ...
+        _resp.read_chunks_into(client, ["t:big"], [memoryview(bytearray(10))], held=held)
+    assert held.take() is conn and conn._sock is None
+    _resp.read_chunks_into(client, ["t:ok"], [memoryview(out)], held=held)  # ... and reconnects on its next use
+    assert conn._sock is not None and conn._sock is not socket_before and len(borrowed) == 1
+    assert conn not in pool._available_connections
+    held.close()
+    held.close()
+    assert conn in pool._available_connections
+    with pytest.raises(ValueError, match="another client"):
+        _resp.read_chunks_into(redis.Redis(), ["t:ok"], [memoryview(out)], held=held)
+    with pytest.raises(ValueError, match="single connection"):
+        _resp.read_chunks_into(client, ["t:ok"], [memoryview(out)], held=held, connections=2)
+
+
 def test_wrong_type_is_corrupt(client):
     client.rpush("t:list", b"x")
     with pytest.raises(CorruptBlobError, match="t:list"):
