@@ -255,7 +255,7 @@ class WeightPublisher:
             log.warning("version %d committed but latest is %d: another publisher shares namespace %r",
                         version, committed.latest, self.keys.namespace)
         try:
-            report = self._client.pipeline(transaction=False)  # goes out with GC's first read: one round trip
+            report = self._client.pipeline(transaction=False)  # goes out with GC's evictions: one round trip
             report_publisher(
                 report,
                 self.keys,

@@ -225,7 +225,8 @@ class WeightSubscriber:
         with self._cond:
             self._staged = None
             self._staging.release()
-        self._notice_conn.close()
+        if self._thread is None or not self._thread.is_alive():  # a listener stuck past the join may still read on it
+            self._notice_conn.close()
         if self._owns_client:
             try:
                 self._client.close()
