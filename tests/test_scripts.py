@@ -1,9 +1,11 @@
-"""The operator scripts of issue 4 (cron GC) on real redis-servers; scripts/acl.py is tested in test_security.py."""
+"""The scripts on real redis-servers: the operator scripts of issue 4 (cron GC) and the latency A/B benchmark;
+scripts/acl.py is tested in test_security.py."""
 
 from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ def load(name: str) -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("name", ["gc_cron"])
+@pytest.mark.parametrize("name", ["gc_cron", "latency_ab"])
 def test_each_script_has_a_usage_line(name, capsys):
     module = load(name)
     assert module.__doc__.split("\n\n")[1].startswith(f"usage: {name}.py")
@@ -83,3 +85,29 @@ def test_gc_cron_verbose_dry_run_lock_and_failures(redis_server, redis_server_fa
         assert out.out == "" and out.err.count("\n") == 1 and "secret" not in out.err
     with pytest.raises(SystemExit):
         gc_cron.main(["--keep", "0", "a"])
+
+
+# --------------------------------------------------------------------------- latency_ab.py
+
+
+def test_latency_ab_measures_two_trees_in_one_run(tmp_path):
+    tree = str(SCRIPTS.parent)
+    out = tmp_path / "ab.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "latency_ab.py"), "--subscribers", "2", "--rounds", "2", "--burst", "5",
+         "--json", str(out), f"before={tree}", f"after={tree}"],
+        check=False, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"before", "after"}
+    for name, r in figures.items():
+        assert r["expected"] == 2 * 5 * 2 and r["samples"] == r["expected"]  # every worker applied every version
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["subscriber_cpu_ms"] > 0 and r["publisher_cpu_ms"] > 0
+        assert f"{name}: 2 x 100K MLP  p50 {r['p50_ms']:.2f}" in done.stdout
+
+
+def test_latency_ab_refuses_a_folder_without_redisbus(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "latency_ab.py"), f"a={tmp_path}", f"b={SCRIPTS.parent}"],
+                          check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "expected NAME=TREE, TREE a folder holding redisbus/" in done.stderr
