@@ -143,10 +143,11 @@ def write_chunks(
         before_send: called with ``(key, byte view or tuple of them)`` just before each payload
             is sent (e.g. to checksum it while the previous one drains); from
             the sending thread, once per key and attempt.
-        then: called once every payload was sent (and none refused so far); the
-            small command it returns goes out behind them, on the same
-            connection and in the same round trip (Redis runs it after every
-            ``SET``). Not with several connections.
+        then: called once every payload was sent (and none refused so far; on
+            the plain path: queued in the last pipeline); the small command it
+            returns goes out behind them, on the same connection and in the
+            same round trip (Redis runs it after every ``SET``). Not with
+            several connections.
 
     Returns:
         The reply to ``then``'s command (an error reply as a :class:`redis.ResponseError`

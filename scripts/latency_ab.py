@@ -96,13 +96,9 @@ def _spawn(tree: str, *args: str) -> subprocess.Popen[str]:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
 
 
-def _quantile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def compare(trees: dict[str, str], *, subscribers: int, policy: str, rounds: int, burst: int, url: str) -> dict[str, Any]:
     """Run the interleaved bursts against ``url`` and return each tree's figures (see the module docstring)."""
+    from bench import percentile  # as bench.py's latency tables compute them
     procs: dict[str, tuple[subprocess.Popen[str], list[subprocess.Popen[str]]]] = {}
     try:
         for name, tree in trees.items():
@@ -154,7 +150,7 @@ def compare(trees: dict[str, str], *, subscribers: int, policy: str, rounds: int
             results[name] = {
                 "tree": trees[name], "subscribers": subscribers, "policy": policy, "samples": len(latency),
                 "expected": len(started[name]) * subscribers,
-                "p50_ms": _quantile(latency, 0.5), "p99_ms": _quantile(latency, 0.99), "all_p50_ms": _quantile(alls, 0.5),
+                "p50_ms": percentile(latency, 0.5), "p99_ms": percentile(latency, 0.99), "all_p50_ms": percentile(alls, 0.5),
                 "publisher_cpu_ms": cpu[name][0] / max(1.0, cpu[name][1]) * 1e3,
                 "subscriber_cpu_ms": statistics.median(worker_cpu) if worker_cpu else None,
             }  # fmt: skip
