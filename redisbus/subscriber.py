@@ -535,8 +535,8 @@ class WeightSubscriber:
                 self._check_notice_connection(pubsub, message)
                 if message is not None:
                     if message["type"] in ("subscribe", "ssubscribe"):
-                        self._stats["subscribes"] += 1
                         self._catch_up()
+                        self._stats["subscribes"] += 1  # counted caught up: from here on, notices explain pulls
                         next_poll = time.monotonic() + self.config.poll_interval
                         failures = 0
                     elif message["type"] in ("message", "smessage"):
