@@ -501,7 +501,7 @@ class HeldConnection:
             BusConnectionError: the pool could not hand out a connection.
         """
         if self._conn is None:
-            self._conn = _borrow(self.client.connection_pool)
+            self._conn = borrow(self.client.connection_pool)
         return self._conn
 
     def close(self) -> None:
@@ -511,7 +511,7 @@ class HeldConnection:
             self.client.connection_pool.release(conn)
 
 
-def _borrow(pool: redis.ConnectionPool) -> Connection:
+def borrow(pool: redis.ConnectionPool) -> Connection:
     try:
         return _get_connection(pool)
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError) as exc:
@@ -530,7 +530,7 @@ def _with_connection(
     half-read connection is never reused (a held one reconnects on its next use).
     """
     pool = client.connection_pool
-    conn = _borrow(pool) if held is None else held.take()
+    conn = borrow(pool) if held is None else held.take()
     in_sync = False
     failure: Exception | None = None
     try:
@@ -556,15 +556,15 @@ def _with_connection(
         raise failure
 
 
-class _ServerClosed(Exception):
+class ServerClosed(Exception):
     """The server closed the connection (recv returned no bytes)."""
 
 
-class _ProtocolError(Exception):
+class ProtocolError(Exception):
     """The server sent something this reader does not expect."""
 
 
-class _Wire:
+class Wire:
     """Raw RESP I/O on one socket: a small read-ahead buffer for lines, ``recv_into`` for values.
 
     Outgoing small pieces are gathered in a send buffer and flushed before any
@@ -612,7 +612,7 @@ class _Wire:
             self.start, self.end = 0, n
         got = self.sock.recv_into(self.mv[self.end :])
         if not got:
-            raise _ServerClosed()
+            raise ServerClosed()
         self.end += got
 
     def readline(self) -> bytes:
@@ -624,7 +624,7 @@ class _Wire:
                 self.start = i + 2
                 return line
             if self.end - self.start >= min(MAX_LINE_BYTES, len(self.buf)):
-                raise _ProtocolError("reply line too long")
+                raise ProtocolError("reply line too long")
             self._fill()
 
     def take(self, view: memoryview, n: int) -> int:
@@ -644,7 +644,7 @@ class _Wire:
             self.start = self.end = 0
             got = self.sock.recv_into(self.mv, min(n, len(self.buf)))
             if not got:
-                raise _ServerClosed()
+                raise ServerClosed()
             n -= got
 
     def expect_crlf(self) -> None:
@@ -652,7 +652,7 @@ class _Wire:
         while self.end - self.start < 2:
             self._fill()
         if self.buf[self.start : self.start + 2] != _CRLF:
-            raise _ProtocolError("bulk value not followed by CRLF")
+            raise ProtocolError("bulk value not followed by CRLF")
         self.start += 2
 
     def read_reply(self, depth: int = 0) -> Any:
@@ -673,14 +673,14 @@ class _Wire:
                 if length < 0:
                     return None
                 if length > MAX_DRAIN_BYTES:
-                    raise _ProtocolError(f"a {length}-byte reply to a small command")
+                    raise ProtocolError(f"a {length}-byte reply to a small command")
                 value = bytearray(length)
                 view = memoryview(value)
                 pos = self.take(view, length)
                 while pos < length:
                     got = self.sock.recv_into(view[pos:], length - pos)
                     if not got:
-                        raise _ServerClosed()
+                        raise ServerClosed()
                     pos += got
                 self.expect_crlf()
                 return bytes(value)
@@ -688,19 +688,19 @@ class _Wire:
                 count = int(rest)
                 return None if count < 0 else [self.read_reply(depth + 1) for _ in range(count)]
         except ValueError:
-            raise _ProtocolError(f"bad reply header {line[:80]!r}") from None
-        raise _ProtocolError(f"unexpected reply {line[:80]!r} to a small command")
+            raise ProtocolError(f"bad reply header {line[:80]!r}") from None
+        raise ProtocolError(f"unexpected reply {line[:80]!r} to a small command")
 
 
 def _wire_errors(what: str, subject: Callable[[], str]) -> Callable[[BaseException], BusConnectionError]:
     """Turns a socket failure into an error naming what was being read or written (``subject()``)."""
 
     def convert(exc: BaseException) -> BusConnectionError:
-        if isinstance(exc, _ServerClosed):
+        if isinstance(exc, ServerClosed):
             msg = f"Redis closed the connection while {what} {subject()}"
         elif isinstance(exc, TimeoutError):
             msg = f"timed out while {what} {subject()}"
-        elif isinstance(exc, _ProtocolError):
+        elif isinstance(exc, ProtocolError):
             msg = f"protocol error while {what} {subject()}: {exc}"
         else:
             msg = f"connection failed while {what} {subject()}: {exc}"
@@ -726,7 +726,7 @@ def _write_on(
     Returns the error to raise (an error reply; the stream is in sync) or
     None; raises when the stream may be out of sync.
     """
-    wire = _Wire(conn._sock)
+    wire = Wire(conn._sock)
     encode = conn.encoder.encode
     if px is None:
         argc = b"*3\r\n$3\r\nSET\r\n"
@@ -754,7 +754,7 @@ def _write_on(
             if failure is None:
                 failure = (key, line[1:])
             return
-        raise _ProtocolError(f"unexpected reply {line[:80]!r} to SET")
+        raise ProtocolError(f"unexpected reply {line[:80]!r} to SET")
 
     try:
         for key, view in items:
@@ -793,7 +793,7 @@ def _write_on(
         if reason is not None:
             raise PublishError(f"Redis refused chunk {reason[0]!r}: {reason[1].decode(errors='replace')}") from exc
         raise convert(exc) from exc
-    except (_ServerClosed, _ProtocolError) as exc:
+    except (ServerClosed, ProtocolError) as exc:
         if failure is not None:
             raise PublishError(
                 f"Redis refused chunk {failure[0]!r}: {failure[1].decode(errors='replace')}"
@@ -804,7 +804,7 @@ def _write_on(
     return None
 
 
-def _salvage_error(wire: _Wire, pending: deque[tuple[str, int]]) -> tuple[str, bytes] | None:
+def _salvage_error(wire: Wire, pending: deque[tuple[str, int]]) -> tuple[str, bytes] | None:
     """After a failed send, read the replies still readable and return the first error reply, if any."""
     try:
         wire.sock.settimeout(0.5)
@@ -839,7 +839,7 @@ def _read_on(
     all consumed, the stream is in sync) or None; raises when the stream may
     be out of sync.
     """
-    wire = _Wire(conn._sock)
+    wire = Wire(conn._sock)
     recv_into = wire.sock.recv_into
     encode = conn.encoder.encode
     window = READ_WINDOW_BYTES
@@ -877,7 +877,7 @@ def _read_on(
                 try:
                     length = int(header[1:])
                 except ValueError:
-                    raise _ProtocolError(f"bad bulk header {header[:80]!r}") from None
+                    raise ProtocolError(f"bad bulk header {header[:80]!r}") from None
                 if length == expected and failure is None:
                     # The hot path: buffered read-ahead first, then straight into the view.
                     pos = wire.take(view, length)
@@ -888,7 +888,7 @@ def _read_on(
                     while pos < length:
                         got = recv_into(view[pos:], length - pos)
                         if not got:
-                            raise _ServerClosed()
+                            raise ServerClosed()
                         pos += got
                         outstanding -= got
                         if more and sent < n and outstanding < window:
@@ -920,13 +920,13 @@ def _read_on(
                 else:
                     failure = failure or RedisCommandError(f"Redis refused to read chunk {key!r}: {message}")
             else:
-                raise _ProtocolError(f"unexpected reply {header[:80]!r} to GET")
+                raise ProtocolError(f"unexpected reply {header[:80]!r} to GET")
             outstanding -= expected
             done += 1
             if failure is None and not stop.is_set():
                 top_up()
     except RedisBusError:  # an abandoned drain; BusConnectionError is an OSError too
         raise
-    except (OSError, _ServerClosed, _ProtocolError) as exc:
+    except (OSError, ServerClosed, ProtocolError) as exc:
         raise convert(exc) from exc
     return failure

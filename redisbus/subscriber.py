@@ -17,6 +17,7 @@ import torch
 from redis.backoff import ExponentialWithJitterBackoff
 
 from . import defaults
+from ._notices import NoticeFeed, open_feed
 from .buffers import HostBuffer
 from .errors import (
     BusConnectionError,
@@ -44,8 +45,6 @@ from .transport import (
     read_manifest,
     refresh_topology,
     resolve,
-    translate_errors,
-    uses_sharded_pubsub,
 )
 from .wire import Manifest, Notice, TensorEntry, decode_notice, verify_chunks
 
@@ -133,7 +132,6 @@ class WeightSubscriber:
         self._deferred = False  # a catch-up found a staged version in the way: catch up again after sync()
         self._report_due_at: float | None = None  # when an applied version must be reported by
         self._thread: threading.Thread | None = None
-        self._ping_unanswered_since: float | None = None
         self._backoff = ExponentialWithJitterBackoff(cap=self.config.backoff_cap, base=self.config.backoff_base)
         self._notice_conn = HeldConnection(self._client)  # one-trip reads after notices: one connection, kept
         self._replica: Any = None  # this worker's read replica (chosen by worker id), made on first pull
@@ -518,36 +516,29 @@ class WeightSubscriber:
 
     def _run(self) -> None:
         failures = 0
-        pubsub = None
+        feed: NoticeFeed | None = None
         next_poll = next_report = 0.0
-        sharded = False
         while not self._stop.is_set():
             try:
-                if pubsub is None:
-                    sharded = uses_sharded_pubsub(self._client)  # Redis 7 cluster: SSUBSCRIBE on the namespace's shard
-                    pubsub = self._client.pubsub()
-                    with translate_errors("subscribing to notices", self._client):
-                        (pubsub.ssubscribe if sharded else pubsub.subscribe)(self.keys.notify)
-                if sharded:
-                    message = pubsub.get_sharded_message(timeout=_TICK_SECONDS)
-                else:
-                    message = pubsub.get_message(timeout=_TICK_SECONDS)
-                self._check_notice_connection(pubsub, message)
-                if message is not None:
-                    if message["type"] in ("subscribe", "ssubscribe"):
+                if feed is None:
+                    feed = open_feed(self._client, self.keys.notify, self.config)
+                event = feed.get(_TICK_SECONDS)
+                if event is not None:
+                    kind, data = event
+                    if kind == "subscribe":
                         self._catch_up()
                         self._stats["subscribes"] += 1  # counted caught up: from here on, notices explain pulls
                         next_poll = time.monotonic() + self.config.poll_interval
                         failures = 0
-                    elif message["type"] in ("message", "smessage"):
-                        self._on_notice(message["data"])
+                    else:
+                        self._on_notice(data)  # type: ignore[arg-type]  # a message carries its bytes
                 now = time.monotonic()
                 if now >= next_poll or self._wake.is_set():
                     self._wake.clear()
                     self._catch_up()
                     next_poll = now + self.config.poll_interval
                 due = self._report_due_at
-                if now >= next_report or (due is not None and (message is None or now >= due)):
+                if now >= next_report or (due is not None and (event is None or now >= due)):
                     self._report_due_at = None  # an apply after this point is reported next time
                     self._report()
                     next_report = now + self.config.heartbeat_interval
@@ -557,46 +548,22 @@ class WeightSubscriber:
                 self._count_error(exc)
                 delay = self._backoff.compute(failures)
                 log.warning("worker %s lost Redis (%s); retrying in %.2fs", self.worker_id, exc, delay)
-                pubsub = self._drop(pubsub)
+                feed = self._drop(feed)
                 refresh_topology(self._client)  # a cluster may have failed over: find the new masters
                 self._stop.wait(delay)
             except Exception as exc:  # keep listening whatever happens; the error is counted and logged
                 failures += 1
                 self._count_error(exc)
                 log.exception("worker %s listener error", self.worker_id)
-                pubsub = self._drop(pubsub)
+                feed = self._drop(feed)
                 self._stop.wait(self._backoff.compute(failures))
         if self._report_due_at is not None:  # the last apply before close(): report it on the way out
             with contextlib.suppress(Exception):
                 self._report()
-        self._drop(pubsub)
-
-    def _check_notice_connection(self, pubsub: Any, message: Any) -> None:
-        """Raise if the notice connection left its health-check PING unanswered for ``socket_timeout``.
-
-        A half-open connection (the server stopped answering, a proxy stopped
-        forwarding) is otherwise indistinguishable from a quiet channel. Any
-        message read proves the connection alive (a PONG may queue behind
-        notices while a long pull keeps this thread away), and restarts the clock.
-        """
-        if message is not None or getattr(pubsub, "health_check_response_counter", 0) <= 0:
-            self._ping_unanswered_since = None
-            return
-        now = time.monotonic()
-        if self._ping_unanswered_since is None:
-            self._ping_unanswered_since = now
-        elif now - self._ping_unanswered_since > self.config.socket_timeout:
-            self._ping_unanswered_since = None
-            raise BusConnectionError(
-                f"the notice connection to {self.config.redacted_url()} did not answer a health check "
-                f"within {self.config.socket_timeout}s"
-            )
+        self._drop(feed)
 
     @staticmethod
-    def _drop(pubsub: Any) -> None:
-        if pubsub is not None:
-            try:
-                pubsub.close()
-            except Exception:  # the connection is already broken; nothing to release
-                pass
+    def _drop(feed: NoticeFeed | None) -> None:
+        if feed is not None:
+            feed.close()
         return None

@@ -88,7 +88,7 @@ def test_a_server_that_forgot_the_commit_script_still_commits(redis_server):
 
 def test_a_connection_lost_once_the_commit_went_out_keeps_the_version_whole(redis_server, monkeypatch):
     keys = KeySpace(NS)
-    real_read_reply = resp_module._Wire.read_reply
+    real_read_reply = resp_module.Wire.read_reply
     lose = [True]
 
     def lost_before_the_reply(self, depth=0):
@@ -102,10 +102,10 @@ def test_a_connection_lost_once_the_commit_went_out_keeps_the_version_whole(redi
         redis_server.url, namespace=NS, target=target
     ) as sub:
         pub.publish(make_policy(1))
-        monkeypatch.setattr(resp_module._Wire, "read_reply", lost_before_the_reply)
+        monkeypatch.setattr(resp_module.Wire, "read_reply", lost_before_the_reply)
         with pytest.raises(PublishError, match="connection"):
             pub.publish(make_policy(2))
-        monkeypatch.setattr(resp_module._Wire, "read_reply", real_read_reply)
+        monkeypatch.setattr(resp_module.Wire, "read_reply", real_read_reply)
         assert int(redis_server.client().get(keys.latest)) == 2  # committed: its chunks must still be there
         assert sub.sync() == 2 and bit_identical(target, make_policy(2))
         assert pub.publish(make_policy(3)) == 3

@@ -158,7 +158,7 @@ def test_redis_killed_during_a_one_trip_pull_leaves_the_target_whole(redis_serve
     small = 512 * 1024  # 2 MiB of float32 in 1 MiB chunks: one trip
     expected: dict[int, str] = {}
     armed, killed = threading.Event(), threading.Event()
-    real_read_reply = resp_module._Wire.read_reply
+    real_read_reply = resp_module.Wire.read_reply
 
     def kill_first(self, depth=0):
         worker_read = threading.current_thread().name.startswith("redisbus-listener")  # not the publisher's commit
@@ -174,7 +174,7 @@ def test_redis_killed_during_a_one_trip_pull_leaves_the_target_whole(redis_serve
         one_trips.append(args[2])
         return real_one_trip(*args, **kwargs)
 
-    monkeypatch.setattr(resp_module._Wire, "read_reply", kill_first)
+    monkeypatch.setattr(resp_module.Wire, "read_reply", kill_first)
     monkeypatch.setattr(subscriber_module, "read_head_manifest_and_chunks", counting)
     policies = {seed: big_policy(seed, small) for seed in (1, 2, 3)}
     with WeightPublisher(redis_server.url, namespace=NS, chunk_size=1 << 20, **FAST) as pub:

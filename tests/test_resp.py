@@ -330,8 +330,8 @@ def test_acl_refusals_keep_the_stream_in_sync(redis_server_factory):
 
 
 def _trigger_on_call(monkeypatch, attr: str, nth: int, action) -> None:
-    """Run ``action`` right after the ``nth`` call of ``_resp._Wire.<attr>``."""
-    original = getattr(_resp._Wire, attr)
+    """Run ``action`` right after the ``nth`` call of ``_resp.Wire.<attr>``."""
+    original = getattr(_resp.Wire, attr)
     calls = {"n": 0}
 
     def wrapper(self, *args, **kwargs):
@@ -341,7 +341,7 @@ def _trigger_on_call(monkeypatch, attr: str, nth: int, action) -> None:
             action()
         return result
 
-    monkeypatch.setattr(_resp._Wire, attr, wrapper)
+    monkeypatch.setattr(_resp.Wire, attr, wrapper)
 
 
 @pytest.mark.timeout(60)
