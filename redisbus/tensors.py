@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
-from tensordict import TensorDict, TensorDictBase, is_leaf_nontensor, is_non_tensor, is_tensor_collection
+from tensordict import TensorDict, TensorDictBase, is_non_tensor, is_tensor_collection
 
 from .errors import SchemaMismatchError
 from .wire import _MAX_KEY_DEPTH, _MAX_KEY_PART_BYTES, Manifest, TensorEntry, TensorKey, format_key
@@ -26,20 +26,20 @@ Weights = Union[TensorDictBase, torch.nn.Module, Mapping[str, Any]]
 Target = Union[TensorDictBase, torch.nn.Module]
 
 
-def _key(key: str | tuple[str, ...]) -> TensorKey:
-    return (key,) if isinstance(key, str) else tuple(key)
-
-
-def _leaves_of_tensordict(td: TensorDictBase) -> list[tuple[TensorKey, torch.Tensor]]:
+def _leaves_of_tensordict(td: TensorDictBase, prefix: TensorKey = ()) -> list[tuple[TensorKey, torch.Tensor]]:
+    # A walk of our own: tensordict's nested iteration costs twice as much, and a worker walks its target per version.
     # Non-tensor data (strings, objects) counts as a leaf here, so it is refused rather than silently skipped.
     leaves = []
-    for key, value in td.items(include_nested=True, leaves_only=True, is_leaf=is_leaf_nontensor):
+    for name, value in td.items():
+        key = (*prefix, name)
         if isinstance(value, torch.Tensor):
-            leaves.append((_key(key), value))
+            leaves.append((key, value))
         elif is_non_tensor(value):
-            raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds non-tensor data, not a tensor")
-        elif not is_tensor_collection(value):
-            raise SchemaMismatchError(f"key {format_key(_key(key))!r} holds a {type(value).__name__}, not a tensor")
+            raise SchemaMismatchError(f"key {format_key(key)!r} holds non-tensor data, not a tensor")
+        elif is_tensor_collection(value):
+            leaves.extend(_leaves_of_tensordict(value, key))
+        else:
+            raise SchemaMismatchError(f"key {format_key(key)!r} holds a {type(value).__name__}, not a tensor")
     return leaves
 
 

@@ -521,3 +521,17 @@ def test_other_clients_are_not_fast(server):
     cached = redis.Redis(port=server.port, protocol=3, cache_config=redis.cache.CacheConfig())
     assert not _resp.fast_path_available(cached)
     cached.close()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_small_commands_are_packed_as_redis_py_packs_them(encoding):
+    conn = redis.Connection(encoding=encoding)
+    commands = [
+        ("MGET", "rb:{ns}:latest", "rb:{ns}:pin"),
+        ("GETRANGE", "rb:{ns}:m:12", 0, -1),
+        ("EVALSHA", b"\x00\xff" * 20, 2, "k\u00e9y", b"", 10**18, b"m" * 70_000),
+    ]
+    for command in commands:
+        assert _resp._pack(conn, command) == b"".join(conn.pack_command(*command))
+    with pytest.raises(TypeError, match="bool"):
+        _resp._pack(conn, ("SET", "k", True))
