@@ -129,6 +129,7 @@ def write_chunks(
     connections: int = 1,
     before_send: Callable[[str, Payload], None] | None = None,
     then: Callable[[], Command] | None = None,
+    held: HeldConnection | None = None,
 ) -> Any:
     """``SET`` each key to its view's bytes, pipelined, without copying the payloads.
 
@@ -148,6 +149,8 @@ def write_chunks(
             returns goes out behind them, on the same connection and in the
             same round trip (Redis runs it after every ``SET``). Not with
             several connections.
+        held: write on this connection of ``client``'s instead of borrowing one
+            from the pool (one connection only).
 
     Returns:
         The reply to ``then``'s command (an error reply as a :class:`redis.ResponseError`
@@ -158,10 +161,12 @@ def write_chunks(
             error names the key being written).
         PublishError: Redis answered a ``SET`` with an error (OOM, bulk length
             over ``proto-max-bulk-len``...); names the first failing key.
-        ValueError: ``then`` with several connections.
+        ValueError: ``then`` or ``held`` with several connections, or a ``held`` connection of another client.
     """
-    if then is not None and connections != 1:
-        raise ValueError("a command sent behind the values needs a single connection")
+    if (then is not None or held is not None) and connections != 1:
+        raise ValueError("a command sent behind the values, or a held connection, needs a single connection")
+    if held is not None and held.client is not client:
+        raise ValueError("the held connection belongs to another client")
     px = _expire_ms(expire_seconds)
     views = [(key, _payload(view)) for key, view in items]
     if not views and then is None:
@@ -171,7 +176,7 @@ def write_chunks(
     replies: list[Any] = []
     _run_parallel(
         lambda part, stop: _with_connection(client, lambda conn: _write_on(conn, part, px, stop, before_send, then,
-                                                                           replies)),
+                                                                           replies), held),
         views,
         [payload_len(v) for _, v in views],
         connections,
@@ -378,6 +383,8 @@ def _pack(conn: Connection, command: Command) -> bytes:
             raise TypeError("a bool is not a Redis argument")
         elif isinstance(arg, int):
             data = b"%d" % arg
+        elif isinstance(arg, float):
+            data = repr(arg).encode()
         else:
             data = bytes(arg)
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
@@ -709,6 +716,16 @@ class Wire:
         raise ProtocolError(f"unexpected reply {line[:80]!r} to a small command")
 
 
+def closed_under_us(exc: BaseException) -> bool:
+    """Whether a :class:`BusConnectionError` of this module says the server closed or reset the connection.
+
+    Not a timeout, nor a failure to connect: what a kept connection meets after a
+    restart, where one more try on a new connection is worth it.
+    """
+    cause = exc.__cause__
+    return isinstance(cause, (ServerClosed, ConnectionError))  # builtin: resets, broken pipes
+
+
 def _wire_errors(what: str, subject: Callable[[], str]) -> Callable[[BaseException], BusConnectionError]:
     """Turns a socket failure into an error naming what was being read or written (``subject()``)."""
 
@@ -716,7 +733,7 @@ def _wire_errors(what: str, subject: Callable[[], str]) -> Callable[[BaseExcepti
         if isinstance(exc, ServerClosed):
             msg = f"Redis closed the connection while {what} {subject()}"
         elif isinstance(exc, TimeoutError):
-            msg = f"timed out while {what} {subject()}"
+            msg = f"timed out while {what} {subject()}: Redis did not answer within the socket timeout"
         elif isinstance(exc, ProtocolError):
             msg = f"protocol error while {what} {subject()}: {exc}"
         else:

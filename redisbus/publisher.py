@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -20,6 +21,7 @@ from .signing import sign_manifest
 from .tensors import Weights, flatten_weights
 from .transport import (
     Committed,
+    HeldConnection,
     RedisSource,
     allocate_version,
     read_head,
@@ -31,6 +33,7 @@ from .transport import (
 )
 from .wire import (
     Manifest,
+    TensorKey,
     check_metadata,
     chunk_spans,
     encode_manifest,
@@ -92,7 +95,9 @@ class WeightPublisher:
         # (GC's orphan sweep takes the rest) or touches keys that do not exist; never another version's.
         self._chunk_counts: dict[int, int] = {}
         self._chunk_size: int | None = None
+        self._layout: _Layout | None = None  # the last publish's, reused while the weights keep it
         self._lock = threading.Lock()
+        self._held = HeldConnection(self._client)  # each version's number, chunks and commit: one kept connection
         self._uploader: ThreadPoolExecutor | None = None
         self._pending: Future[int] | None = None
         self._closed = False
@@ -166,11 +171,16 @@ class WeightPublisher:
         to send them straight from their memory (:class:`TensorBlob`), or to copy them chunk by chunk as the
         upload goes (:class:`LazyFill`: signing reads the whole blob; strided tensors)."""
         leaves = flatten_weights(weights)
-        entries, total = plan_layout((key, t.dtype, t.shape) for key, t in leaves)
-        on_cuda = any(t.is_cuda for _, t in leaves)
+        layout = self._layout
+        if layout is None or not layout.fits(leaves):
+            layout = self._layout = _Layout(leaves)
+        entries, total = layout.entries, layout.total
         tensors = [t for _, t in leaves]
-        if lazy and not self.config.signing_key and TensorBlob.supports(tensors):
-            return entries, total, TensorBlob(entries, tensors)  # sent from the tensors: no snapshot at all
+        on_cuda = any(t.is_cuda for t in tensors)
+        if lazy and not self.config.signing_key:
+            blob = layout.blob(tensors)
+            if blob is not None:
+                return entries, total, blob  # sent from the tensors: no snapshot at all
         if all(t.device.type == "cpu" for t in tensors):
             self._snapshot.reserve(total)
             fill = LazyFill(self._snapshot, entries, tensors)
@@ -180,7 +190,7 @@ class WeightPublisher:
             return entries, total, None
         self._snapshot.reserve(total, pinned=on_cuda)
         with torch.no_grad():
-            for entry, (_, tensor) in zip(entries, leaves):
+            for entry, tensor in zip(entries, tensors):
                 self._snapshot.view(entry).copy_(tensor.detach(), non_blocking=tensor.is_cuda)
         if on_cuda:
             torch.cuda.synchronize()
@@ -218,7 +228,7 @@ class WeightPublisher:
         direct = fill if isinstance(fill, TensorBlob) else None
         lazy = fill if isinstance(fill, LazyFill) else None
         blob = None if direct is not None else self._snapshot.memoryview()
-        version = allocate_version(self._client, self.keys, self._last_version)
+        version = allocate_version(self._client, self.keys, self._last_version, self._held)
         sums: list[int | None] = [None] * len(spans)
         prepared: list[Manifest] = []
 
@@ -236,7 +246,7 @@ class WeightPublisher:
             committed = upload_and_commit(self._client, self.keys, version, blob, spans, sums, prepare,
                                           fill=None if lazy is None else lazy.fill_to,
                                           segments=None if direct is None else direct.views,
-                                          one_trip=not self.config.replicas_to_wait)  # fmt: skip
+                                          one_trip=not self.config.replicas_to_wait, held=self._held)  # fmt: skip
         except BusConnectionError:
             if not prepared:
                 self._discard_chunks(version, len(spans))
@@ -336,6 +346,52 @@ class WeightPublisher:
         if self._uploader is not None:
             self._uploader.shutdown(wait=True)
         self._snapshot.release()
+        self._held.close()
         if self._owns_client:
             with translate_errors("closing the publisher", self._client):
                 self._client.close()
+
+
+class _Layout:
+    """Where one set of tensors lies in the blob, and (once they come again) their bytes as a :class:`TensorBlob`.
+
+    A trainer publishes the same parameters again and again, and for a small
+    policy working out the layout and the tensors' byte views costs more than
+    sending them. The layout is reused while a publish names the same tensors
+    (the same objects, keys, addresses, shapes, dtypes and contiguity). It
+    holds them only weakly until they come a second time: a caller that
+    publishes fresh copies each time gets no copy kept alive in between.
+    """
+
+    __slots__ = ("keys", "refs", "marks", "entries", "total", "repeated", "_blob")
+
+    def __init__(self, leaves: list[tuple[TensorKey, torch.Tensor]]) -> None:
+        self.keys = [key for key, _ in leaves]
+        self.refs = [weakref.ref(t) for _, t in leaves]
+        self.marks = [_mark(t) for _, t in leaves]
+        self.entries, self.total = plan_layout((key, t.dtype, t.shape) for key, t in leaves)
+        self.repeated = False
+        self._blob: TensorBlob | None = None
+
+    def fits(self, leaves: list[tuple[TensorKey, torch.Tensor]]) -> bool:
+        """Whether ``leaves`` are the tensors this layout was made for, where they were (then it is kept)."""
+        if len(leaves) != len(self.refs):
+            return False
+        for (key, tensor), known_key, ref, mark in zip(leaves, self.keys, self.refs, self.marks):
+            if ref() is not tensor or key != known_key or _mark(tensor) != mark:
+                return False
+        self.repeated = True
+        return True
+
+    def blob(self, tensors: list[torch.Tensor]) -> TensorBlob | None:
+        """The tensors' bytes, read from their memory (None where :meth:`TensorBlob.supports` says no)."""
+        if self._blob is not None:
+            return self._blob
+        blob = TensorBlob(self.entries, tensors) if TensorBlob.supports(tensors) else None
+        if self.repeated:
+            self._blob = blob  # holds the tensors: only once they proved long-lived
+        return blob
+
+
+def _mark(tensor: torch.Tensor) -> tuple[int, torch.Size, torch.dtype, bool]:
+    return tensor.data_ptr(), tensor.shape, tensor.dtype, tensor.is_contiguous()

@@ -246,10 +246,37 @@ def _script(client: Any, source: str) -> Any:
     return cache[source]
 
 
-def allocate_version(client: Any, keys: KeySpace, floor: int) -> int:
-    """Hand out the next version number (above ``floor``) and mark it pending."""
+def allocate_version(client: Any, keys: KeySpace, floor: int, held: HeldConnection | None = None) -> int:
+    """Hand out the next version number (above ``floor``) and mark it pending.
+
+    ``held``: send it on that connection of ``client``'s, straight over RESP
+    (a publisher's first round trip of every version: redis-py's script call costs twice the CPU).
+    """
+    script = _script(client, _ALLOCATE)
+    script_keys, args = [keys.seq, keys.pending], [floor, time.time()]
+    command = [("EVALSHA", script.sha, 2, *script_keys, *args)]
     with translate_errors("allocating a version number", client):
-        return int(_script(client, _ALLOCATE)(keys=[keys.seq, keys.pending], args=[floor, time.time()]))
+        for attempt in (1, 2):
+            try:
+                reply = _resp.read_chunks_into(client, [], [], first=command, held=held)[0]
+                break
+            except BusConnectionError as exc:
+                # A kept connection the server closed meanwhile (it restarted): once more on a new one, as
+                # redis-py retries. Were the first number handed out after all, it is skipped, never reused.
+                if attempt == 2 or not _resp.closed_under_us(exc):
+                    raise BusConnectionError(f"allocating a version number: {exc}") from exc
+        if _is_noscript(reply):  # a server that has not seen the script yet: redis-py loads it
+            reply = script(keys=script_keys, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        return int(reply)
+
+
+def _is_noscript(reply: Any) -> bool:
+    """Whether a reply read raw or through redis-py says the server does not have the script."""
+    return isinstance(reply, redis.exceptions.NoScriptError) or (
+        isinstance(reply, redis.ResponseError) and str(reply).startswith("NOSCRIPT")
+    )
 
 
 class Committed(NamedTuple):
@@ -314,6 +341,7 @@ def upload_and_commit(
     fill: Callable[[int], None] | None = None,
     segments: Callable[[int, int], Sequence[memoryview]] | None = None,
     one_trip: bool = True,
+    held: HeldConnection | None = None,
 ) -> Committed:
     """:func:`write_chunks`, then :func:`commit_version` of what ``prepare()`` returns: ``(manifest, notice)``.
 
@@ -322,6 +350,7 @@ def upload_and_commit(
     the chunks' connection right behind them: a small version is stored,
     committed and announced in one round trip. Should the connection fail once
     ``prepare`` returned, the commit may have run (the caller keeps the chunks).
+    ``held``: the one-trip upload goes on that connection of ``client``'s.
 
     Returns:
         What the commit reports (see :func:`commit_version`).
@@ -342,8 +371,9 @@ def upload_and_commit(
         chunk_keys, args = _commit_arguments(client, keys, version, *prepared[0], spans)
         return ("EVALSHA", script.sha, len(chunk_keys), *chunk_keys, *args)
 
-    reply = write_chunks(client, keys, version, blob, spans, checksums, fill=fill, segments=segments, then=commit_command)
-    if isinstance(reply, redis.exceptions.NoScriptError) or str(reply).startswith("NOSCRIPT"):
+    reply = write_chunks(client, keys, version, blob, spans, checksums, fill=fill, segments=segments, then=commit_command,
+                         held=held)  # fmt: skip
+    if _is_noscript(reply):
         # a server that has not seen the script yet (new, restarted, flushed): load it and commit
         return commit_version(client, keys, version, *prepared[0], spans)
     if isinstance(reply, redis.ResponseError):
@@ -513,6 +543,7 @@ def write_chunks(
     fill: Callable[[int], None] | None = None,
     segments: Callable[[int, int], Sequence[memoryview]] | None = None,
     then: Callable[[], _resp.Command] | None = None,
+    held: HeldConnection | None = None,
 ) -> Any:
     """Store every chunk of ``blob`` under its chunk key (and send ``then``'s command behind them).
 
@@ -525,7 +556,8 @@ def write_chunks(
     ``(start, stop)`` is sent as the views ``segments(start, stop)`` returns,
     back to back (the tensors' own memory: no snapshot copy). With ``then``
     (not on a cluster), see :func:`redisbus._resp.write_chunks`: its
-    command's reply is returned.
+    command's reply is returned; ``held``: on that connection of ``client``'s
+    (with ``then`` only).
 
     Raises:
         PublishError: with ``fill``, a chunk went out without its hook (never expected).
@@ -549,7 +581,7 @@ def write_chunks(
             write_values(client, items, before_send=before_send)
             reply = None
         else:
-            reply = _resp.write_chunks(client, items, before_send=before_send, then=then)
+            reply = _resp.write_chunks(client, items, before_send=before_send, then=then, held=held)
     if checksums is not None:
         for i, (key, view) in enumerate(items):
             if checksums[i] is None:  # a path that sent without the hook: never leave a slot empty

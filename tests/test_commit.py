@@ -8,6 +8,8 @@ Real redis-server processes and fakeredis (the plain-pipeline path) each.
 
 from __future__ import annotations
 
+import threading
+
 import fakeredis
 import pytest
 import torch
@@ -89,12 +91,13 @@ def test_a_server_that_forgot_the_commit_script_still_commits(redis_server):
 def test_a_connection_lost_once_the_commit_went_out_keeps_the_version_whole(redis_server, monkeypatch):
     keys = KeySpace(NS)
     real_read_reply = resp_module.Wire.read_reply
-    lose = [True]
+    replies = [0]  # the publisher's: its version number's, then its commit's
 
     def lost_before_the_reply(self, depth=0):
-        if lose[0]:  # the publisher's commit reply: Redis ran the commit, the answer never came
-            lose[0] = False
-            raise ConnectionResetError("connection reset by peer")
+        if threading.current_thread() is threading.main_thread() and depth == 0:
+            replies[0] += 1
+            if replies[0] == 2:  # the commit's reply: Redis ran the commit, the answer never came
+                raise ConnectionResetError("connection reset by peer")
         return real_read_reply(self, depth)
 
     target = zeros_like_policy()

@@ -343,6 +343,52 @@ def test_blocking_publish_of_plain_tensors_takes_no_snapshot(client):
         assert sub.sync() == version and (target == _plain(3)).all()
 
 
+def test_publish_follows_its_tensors_changed_replaced_or_moved_and_keeps_no_fresh_copy_alive(client):
+    # a publish of the same tensors reuses the last one's layout and byte views: only while they are the same
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    weights = _plain(1)
+    target = _plain(0).apply(torch.zeros_like)
+    with WeightPublisher(client, namespace=NS, chunk_size=CHUNK) as pub, WeightSubscriber(
+        client, namespace=NS, target=target
+    ) as sub:
+
+        def published() -> TensorDict:
+            assert sub.sync() == pub.latest_version()
+            return target.clone()
+
+        for seed in (1, 2, 3):
+            weights.update_(_plain(seed))  # a training step: values change in place
+            pub.publish(weights)
+            assert (published() == _plain(seed)).all()
+        weights["big"] = torch.full((70_001,), 7.0)  # replaced by a new tensor
+        pub.publish(weights)
+        assert (published()["big"] == 7.0).all()
+        weights["codes"].set_(torch.arange(15).view(5, 3).untyped_storage(), 0, (5, 3), (3, 1))  # new memory
+        pub.publish(weights)
+        assert torch.equal(published()["codes"], torch.arange(15).view(5, 3))
+        weights["codes"].set_(weights["codes"].untyped_storage(), 0, (5, 3), (1, 5))  # same memory, restrided
+        pub.publish(weights)
+        assert torch.equal(published()["codes"], torch.arange(15).view(3, 5).T)
+        assert pub._snapshot.capacity > 0  # a non-contiguous tensor goes through the snapshot
+        weights["codes"] = torch.zeros(5, 3, dtype=torch.int64)
+        pub.publish(weights)
+        assert torch.equal(published()["codes"], torch.zeros(5, 3, dtype=torch.int64))
+
+        # fresh copies each time: no copy's memory is kept alive once it was published
+        memory = []
+        for seed in (4, 5, 6):
+            fresh = _plain(seed)
+            memory.append(StorageWeakRef(fresh["big"].untyped_storage()))
+            pub.publish(fresh)
+            assert (published() == _plain(seed)).all()
+            del fresh
+        gc.collect()
+        assert [ref.expired() for ref in memory] == [True, True, True]
+
+
 def test_signed_blocking_publish_still_snapshots(client):
     key = b"k" * 32
     target = _plain(0).apply(torch.zeros_like)

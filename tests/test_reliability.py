@@ -285,10 +285,12 @@ def test_redis_restarting_empty_versions_keep_increasing_and_workers_never_go_ba
 def test_slow_worker_ends_on_the_newest_version_never_on_a_mix(redis_server, monkeypatch):
     original = resp_module.read_chunks_into
 
-    def slow_read(client, keys, views, **kwargs):  # every chunk arrives late: one pull outlasts many publishes
+    def slow_read(client, keys, views, first=(), **kwargs):  # every chunk arrives late: one pull outlasts many publishes
+        replies = original(client, [], [], first=first, **kwargs)  # the small commands sent ahead, at once
         for key, view in zip(keys, views):
             time.sleep(0.04)
             original(client, [key], [view], **kwargs)
+        return replies
 
     monkeypatch.setattr(resp_module, "read_chunks_into", slow_read)
     expected: dict[int, str] = {}

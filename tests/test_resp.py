@@ -529,6 +529,7 @@ def test_small_commands_are_packed_as_redis_py_packs_them(encoding):
     commands = [
         ("MGET", "rb:{ns}:latest", "rb:{ns}:pin"),
         ("GETRANGE", "rb:{ns}:m:12", 0, -1),
+        ("EVALSHA", "ab" * 20, 2, "rb:{ns}:seq", "rb:{ns}:pending", 7, 1765158000.123456, 1e-300),
         ("EVALSHA", b"\x00\xff" * 20, 2, "k\u00e9y", b"", 10**18, b"m" * 70_000),
     ]
     for command in commands:
