@@ -83,6 +83,7 @@ class _RawFeed:
         self._channel = channel
         self._conn: Any = _resp.borrow(self._pool)
         self._limit = config.socket_timeout
+        self._resubscribed = False  # since the last reply read: a second close then is not retried at once
         try:
             with translate_errors("subscribing to notices", client):
                 self._subscribe()
@@ -110,6 +111,7 @@ class _RawFeed:
         catch-up, not an error.
         """
         self._conn.disconnect()
+        self._resubscribed = True
         try:
             self._subscribe()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -137,6 +139,11 @@ class _RawFeed:
             raise
         except (ConnectionError, _resp.ServerClosed) as exc:  # closed or reset, not timed out
             try:
+                if self._resubscribed:  # closed again before a single reply: let the listener back off
+                    raise BusConnectionError(
+                        f"the notice connection to {self._config.redacted_url()} was closed again right after "
+                        f"subscribing ({_describe(exc)})"
+                    ) from exc
                 self._resubscribe(exc)
             except BaseException:
                 self.close()
@@ -171,6 +178,7 @@ class _RawFeed:
         wire = self._wire
         line = wire.readline()
         self._last_read = time.monotonic()
+        self._resubscribed = False
         self._ping_sent_at = None  # any reply proves the connection alive (a PONG may queue behind notices)
         kind = line[:1]
         if kind == b"-":

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from redisbus import _notices
+from redisbus import _notices, _resp
 from redisbus.config import BusConfig
 from redisbus.errors import BusConnectionError, RedisCommandError
 
@@ -143,3 +143,17 @@ def test_fakeredis_goes_through_pubsub_with_the_same_events(fake_redis):
         feed.close()
     with pytest.raises(BusConnectionError, match="closed"):
         feed.get(0.05)
+
+
+def test_connection_closed_again_before_any_reply_is_an_error_not_a_loop(feed_on, redis_server, monkeypatch):
+    feed, _ = feed_on
+    assert _events(feed, 1) == [("subscribe", None)]
+
+    def closed(self):
+        raise _resp.ServerClosed()
+
+    monkeypatch.setattr(_resp.Wire, "readline", closed)  # every connection closes as soon as it is read
+    redis_server.client().publish(CHANNEL, b"wakes the reader")
+    assert feed.get(2.0) is None  # the first close: subscribed again on a new connection, no error
+    with pytest.raises(BusConnectionError, match="closed again right after subscribing"):
+        feed.get(2.0)  # its confirmation is readable, and that connection closes too: the listener backs off

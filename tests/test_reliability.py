@@ -157,12 +157,14 @@ def test_redis_killed_during_a_one_trip_pull_leaves_the_target_whole(redis_serve
     the worker takes the next version after an empty restart."""
     small = 512 * 1024  # 2 MiB of float32 in 1 MiB chunks: one trip
     expected: dict[int, str] = {}
-    armed, killed = threading.Event(), threading.Event()
+    armed, published, killed = threading.Event(), threading.Event(), threading.Event()
     real_read_reply = resp_module.Wire.read_reply
 
     def kill_first(self, depth=0):
         worker_read = threading.current_thread().name.startswith("redisbus-listener")  # not the publisher's commit
         if armed.is_set() and depth == 0 and worker_read and not killed.is_set():
+            # the notice goes out with the commit, before the publisher has read the commit's reply: let it
+            published.wait(10)
             redis_server.kill()
             killed.set()
         return real_read_reply(self, depth)
@@ -187,6 +189,7 @@ def test_redis_killed_during_a_one_trip_pull_leaves_the_target_whole(redis_serve
             armed.set()
             expected[2] = digest(policies[2])
             assert pub.publish(policies[2]) == 2
+            published.set()
             assert killed.wait(10), "the worker's one-trip read never started"
             time.sleep(0.5)
             assert worker.sub.version == 1 and digest(worker.target) == expected[1]
