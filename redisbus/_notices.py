@@ -34,8 +34,6 @@ from .transport import translate_errors, uses_sharded_pubsub
 #: What a feed hands the listener: ``("subscribe", None)`` once subscribed, ``("message", notice bytes)`` per notice.
 Event = tuple[Literal["subscribe", "message"], "bytes | None"]
 
-_PING = b"*1\r\n$4\r\nPING\r\n"
-
 
 class NoticeFeed(Protocol):
     """The notices of one channel, as the worker's listener reads them."""
@@ -99,8 +97,7 @@ class _RawFeed:
         self._sock = conn._sock
         self._wire = _resp.Wire(self._sock)
         self._pending = getattr(self._sock, "pending", None)  # TLS: bytes decrypted and not yet read
-        channel = conn.encoder.encode(self._channel)
-        self._sock.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(channel), channel))
+        self._sock.sendall(_resp.pack(conn, ("SUBSCRIBE", self._channel)))
         self._last_read = time.monotonic()
         self._ping_sent_at: float | None = None
 
@@ -137,7 +134,7 @@ class _RawFeed:
         except (RedisCommandError, BusConnectionError):
             self.close()
             raise
-        except (ConnectionError, _resp.ServerClosed) as exc:  # closed or reset, not timed out
+        except _resp.CLOSED_ERRORS as exc:  # closed or reset, not timed out
             try:
                 if self._resubscribed:  # closed again before a single reply: let the listener back off
                     raise BusConnectionError(
@@ -167,7 +164,7 @@ class _RawFeed:
         now = time.monotonic()
         interval = self._config.health_check_interval
         if self._ping_sent_at is None and interval and now - self._last_read >= interval:
-            self._sock.sendall(_PING)
+            self._sock.sendall(_resp.pack(self._conn, ("PING",)))
             self._ping_sent_at = now
         if self._ping_sent_at is not None:
             return max(0.0, min(timeout, self._ping_sent_at + self._limit - now + 0.01))

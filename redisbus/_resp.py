@@ -372,7 +372,7 @@ def payload_len(payload: Payload) -> int:
     return sum(len(part) for part in payload) if isinstance(payload, tuple) else len(payload)
 
 
-def _pack(conn: Connection, command: Command) -> bytes:
+def pack(conn: Connection, command: Command) -> bytes:
     """A small command in RESP, its strings encoded as ``conn``'s encoder does (redis-py's packer costs 3x)."""
     encoder = conn.encoder
     out = [b"*%d\r\n" % len(command)]
@@ -716,14 +716,18 @@ class Wire:
         raise ProtocolError(f"unexpected reply {line[:80]!r} to a small command")
 
 
+#: What a socket meets when the server closed or reset the connection (builtin ``ConnectionError``: resets,
+#: broken pipes); not a timeout, nor a failure to connect.
+CLOSED_ERRORS = (ServerClosed, ConnectionError)
+
+
 def closed_under_us(exc: BaseException) -> bool:
     """Whether a :class:`BusConnectionError` of this module says the server closed or reset the connection.
 
-    Not a timeout, nor a failure to connect: what a kept connection meets after a
-    restart, where one more try on a new connection is worth it.
+    What a kept connection meets after a restart, where one more try on a new
+    connection is worth it.
     """
-    cause = exc.__cause__
-    return isinstance(cause, (ServerClosed, ConnectionError))  # builtin: resets, broken pipes
+    return isinstance(exc.__cause__, CLOSED_ERRORS)
 
 
 def _wire_errors(what: str, subject: Callable[[], str]) -> Callable[[BaseException], BusConnectionError]:
@@ -811,7 +815,7 @@ def _write_on(
         wire.flush()  # Redis stores the values while ``then`` makes its command
         behind = then is not None and failure is None and not stop.is_set()
         if behind:
-            wire.queue(_pack(conn, then()))  # type: ignore[misc]  # behind is only true with then
+            wire.queue(pack(conn, then()))  # type: ignore[misc]  # behind is only true with then
             wire.flush()
         while pending:
             read_reply()
@@ -896,7 +900,7 @@ def _read_on(
 
     try:
         for command in first:
-            wire.queue(_pack(conn, command))
+            wire.queue(pack(conn, command))
         top_up()
         for _ in first:
             replies.append(wire.read_reply())  # type: ignore[union-attr]  # given with first

@@ -533,6 +533,6 @@ def test_small_commands_are_packed_as_redis_py_packs_them(encoding):
         ("EVALSHA", b"\x00\xff" * 20, 2, "k\u00e9y", b"", 10**18, b"m" * 70_000),
     ]
     for command in commands:
-        assert _resp._pack(conn, command) == b"".join(conn.pack_command(*command))
+        assert _resp.pack(conn, command) == b"".join(conn.pack_command(*command))
     with pytest.raises(TypeError, match="bool"):
-        _resp._pack(conn, ("SET", "k", True))
+        _resp.pack(conn, ("SET", "k", True))
